@@ -1,0 +1,307 @@
+"""Model zoos: pools of pre-trained K-way classifiers, built deterministically from a spec.
+
+Each model is trained on ``ways`` classes sampled from meta-train (class sets of different models may
+overlap, as in the literature), with an 80/20 train / held-out split of those classes' images. The
+checkpoint kept is a real copy of the best held-out weights (the reference code keeps an alias of the
+last epoch by mistake). A zoo lives under ``$DFML_BENCH_HOME/zoos/<spec hash>/`` with one file per model
+and ``manifest.json`` (class ids, architecture, seed, held-out accuracy, sha256 of the file). A file
+whose sha256 does not match its manifest entry (truncated, tampered) is rebuilt, never loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backbones import BackboneSpec, build_backbone
+from .datasets.base import ImageDataset
+from .paths import home
+from .utils import atomic_torch_save, atomic_write_json, derive_seed, make_generator, seeded_torch, sha256_file, sha256_json
+
+ZOO_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class TrainRecipe:
+    """How each zoo model is trained. Literature: Conv4 Adam lr 0.01, 60 epochs; ResNets SGD 0.9,
+    wd 5e-4, milestones [30, 50, 80], gamma 0.2; 80/20 held-out split; best held-out checkpoint kept."""
+
+    epochs: int = 20
+    optimizer: str = "adam"  # adam | sgd
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    milestones: tuple[int, ...] = ()
+    gamma: float = 0.2
+    batch_size: int = 64
+    holdout: float = 0.2
+    augment: str = "none"  # none | flip_crop
+    patience: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("adam", "sgd"):
+            raise ValueError(f"TrainRecipe.optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
+        if self.augment not in ("none", "flip_crop"):
+            raise ValueError(f"TrainRecipe.augment must be 'none' or 'flip_crop', got {self.augment!r}")
+        if not 0.0 < self.holdout < 1.0:
+            raise ValueError(f"TrainRecipe.holdout must be in (0, 1), got {self.holdout}")
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError("TrainRecipe needs epochs >= 1, batch_size >= 1 and lr > 0")
+
+
+@dataclass(frozen=True)
+class ZooSpec:
+    """Everything a zoo depends on (with the dataset's hash, this is what the zoo's folder is named by)."""
+
+    dataset: str = "glyphs"
+    n_models: int = 8
+    ways: int = 5
+    backbones: tuple[BackboneSpec, ...] = (BackboneSpec("conv4", 32),)
+    assignment: str = "cycle"  # cycle: model i gets backbones[i % len]; random: seeded draw
+    recipes: tuple[tuple[str, TrainRecipe], ...] = (("*", TrainRecipe()),)  # arch -> recipe ("*" = default)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.n_models < 1 or self.ways < 2:
+            raise ValueError(f"ZooSpec needs n_models >= 1 and ways >= 2, got {self.n_models}, {self.ways}")
+        if not self.backbones:
+            raise ValueError("ZooSpec.backbones must name at least one architecture")
+        if self.assignment not in ("cycle", "random"):
+            raise ValueError(f"ZooSpec.assignment must be 'cycle' or 'random', got {self.assignment!r}")
+
+    def recipe_for(self, arch: str) -> TrainRecipe:
+        table = dict(self.recipes)
+        return table.get(arch, table.get("*", TrainRecipe()))
+
+    def backbone_for(self, i: int) -> BackboneSpec:
+        if self.assignment == "cycle":
+            return self.backbones[i % len(self.backbones)]
+        g = make_generator(derive_seed("zoo-arch", self.seed, i))
+        return self.backbones[int(torch.randint(len(self.backbones), (1,), generator=g))]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class ZooEntry:
+    index: int
+    arch: str
+    width: int
+    classes: list[int]
+    seed: int
+    heldout_acc: float
+    best_epoch: int
+    file: str
+    sha256: str
+    train_seconds: float
+    domain: str = ""
+
+
+@dataclass
+class Zoo:
+    spec: ZooSpec
+    path: Path
+    hash: str
+    entries: list[ZooEntry]
+    dataset: ImageDataset = field(repr=False)
+
+    def load_model(self, i: int, device: str | torch.device = "cpu") -> nn.Module:
+        """Model ``i`` in eval mode, verified against its manifest sha256 first."""
+        e = self.entries[i]
+        f = self.path / e.file
+        if sha256_file(f) != e.sha256:
+            raise ZooCorrupted(f"{f} does not match its manifest sha256; run `dfml-bench zoo build` to rebuild it")
+        model = _make_model(self.spec.backbone_for(i), self.spec.ways, self.dataset)
+        state = torch.load(f, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["state_dict"])
+        return model.to(device).eval()
+
+    def summary(self) -> dict:
+        accs = [e.heldout_acc for e in self.entries]
+        return {
+            "hash": self.hash,
+            "path": str(self.path),
+            "n_models": len(self.entries),
+            "archs": sorted({e.arch for e in self.entries}),
+            "mean_heldout_acc": sum(accs) / len(accs),
+            "min_heldout_acc": min(accs),
+            "train_seconds": sum(e.train_seconds for e in self.entries),
+        }
+
+
+class ZooCorrupted(RuntimeError):
+    pass
+
+
+def zoo_hash(spec: ZooSpec, dataset: ImageDataset) -> str:
+    return sha256_json({"format": ZOO_FORMAT, "spec": spec.to_dict(), "dataset": dataset.hash})
+
+
+def zoo_dir(spec: ZooSpec, dataset: ImageDataset, root: Path | None = None) -> Path:
+    return (root or home() / "zoos") / f"{spec.dataset}-{zoo_hash(spec, dataset)[:16]}"
+
+
+def _make_model(bb: BackboneSpec, ways: int, dataset: ImageDataset) -> nn.Module:
+    return build_backbone(bb, ways, dataset.image_shape, dataset.mean, dataset.std, track_running_stats=True)
+
+
+def model_classes(spec: ZooSpec, dataset: ImageDataset, i: int) -> list[int]:
+    """The meta-train classes of model ``i`` (seeded draw, sorted in draw order)."""
+    train = dataset.splits["train"]
+    g = make_generator(derive_seed("zoo-classes", spec.seed, i))
+    pick = torch.randperm(len(train), generator=g)[: spec.ways]
+    return [train[j] for j in pick.tolist()]
+
+
+def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Random horizontal flip and a 4-pixel-padded random crop (the usual CIFAR recipe)."""
+    n, _, h, w = x.shape
+    flip = torch.rand(n, generator=g) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    pad = max(1, h // 8)
+    xp = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    dx, dy = torch.randint(0, 2 * pad + 1, (2,), generator=g).tolist()
+    return xp[:, :, dy : dy + h, dx : dx + w]
+
+
+def train_one(
+    spec: ZooSpec, dataset: ImageDataset, i: int, device: str | torch.device = "cpu"
+) -> tuple[dict, list[int], float, int]:
+    """Train zoo model ``i``; return (best state_dict copy, classes, held-out accuracy, best epoch)."""
+    bb = spec.backbone_for(i)
+    recipe = spec.recipe_for(bb.arch)
+    seed = derive_seed("zoo-model", spec.seed, i)
+    g = make_generator(seed)
+    classes = model_classes(spec, dataset, i)
+    tr_idx, ho_idx, tr_y, ho_y = [], [], [], []
+    for label, c in enumerate(classes):
+        idx = dataset.class_indices(c)
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        n_ho = max(1, round(len(idx) * recipe.holdout))
+        ho_idx.append(idx[:n_ho]); tr_idx.append(idx[n_ho:])
+        ho_y.append(torch.full((n_ho,), label)); tr_y.append(torch.full((len(idx) - n_ho,), label))
+    tr_idx, ho_idx = torch.cat(tr_idx), torch.cat(ho_idx)
+    tr_y, ho_y = torch.cat(tr_y).to(device), torch.cat(ho_y).to(device)
+    xtr = dataset.images[tr_idx].to(device).float().div_(255)
+    xho = dataset.images[ho_idx].to(device).float().div_(255)
+
+    with seeded_torch(seed):
+        model = _make_model(bb, spec.ways, dataset).to(device)
+    if recipe.optimizer == "adam":
+        opt = torch.optim.Adam(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(recipe.milestones), gamma=recipe.gamma)
+
+    best_acc, best_epoch, best_state, since_best = -1.0, -1, None, 0
+    for epoch in range(recipe.epochs):
+        model.train()
+        perm = torch.randperm(len(tr_y), generator=g).to(device)
+        for s in range(0, len(perm), recipe.batch_size):
+            b = perm[s : s + recipe.batch_size]
+            x = xtr[b]
+            if recipe.augment == "flip_crop":
+                x = _augment(x, g)
+            loss = F.cross_entropy(model(x), tr_y[b])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        sched.step()
+        acc = heldout_accuracy(model, xho, ho_y)
+        if acc > best_acc:
+            # a real copy: the state dict's tensors are cloned, not aliased to the live model
+            best_acc, best_epoch, since_best = acc, epoch, 0
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        else:
+            since_best += 1
+            if recipe.patience is not None and since_best >= recipe.patience:
+                break
+    return best_state, classes, best_acc, best_epoch
+
+
+@torch.no_grad()
+def heldout_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 512) -> float:
+    model.eval()
+    correct = 0
+    for s in range(0, len(y), batch):
+        correct += (model(x[s : s + batch]).argmax(1) == y[s : s + batch]).sum().item()
+    return correct / len(y)
+
+
+def _read_manifest(path: Path) -> dict | None:
+    try:
+        return json.loads((path / "manifest.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _entry_valid(path: Path, entry: dict) -> bool:
+    f = path / entry["file"]
+    return f.exists() and sha256_file(f) == entry["sha256"]
+
+
+def build_zoo(
+    spec: ZooSpec,
+    dataset: ImageDataset,
+    *,
+    device: str | torch.device = "cpu",
+    root: Path | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> Zoo:
+    """Build (or complete, or repair) the zoo of ``spec`` and return it. Valid models are reused;
+    missing, truncated or tampered ones are (re)trained; training is deterministic, so a rebuilt model
+    is the one that was lost."""
+    from filelock import FileLock
+    from tqdm.auto import tqdm
+
+    path = zoo_dir(spec, dataset, root)
+    path.mkdir(parents=True, exist_ok=True)
+    h = zoo_hash(spec, dataset)
+    with FileLock(str(path / ".lock")):
+        manifest = _read_manifest(path)
+        if manifest is None or manifest.get("hash") != h:
+            manifest = {"hash": h, "format": ZOO_FORMAT, "spec": spec.to_dict(), "dataset_hash": dataset.hash, "models": {}}
+        models = manifest["models"]
+        todo = [i for i in range(spec.n_models) if str(i) not in models or not _entry_valid(path, models[str(i)])]
+        bar = tqdm(total=spec.n_models, initial=spec.n_models - len(todo), desc=f"zoo {path.name}", disable=not progress or not todo, leave=False)
+        for i in todo:
+            if str(i) in models and log:
+                log(f"zoo model {i}: file missing or sha256 mismatch, rebuilding")
+            t0 = time.perf_counter()
+            state, classes, acc, best_epoch = train_one(spec, dataset, i, device)
+            bb = spec.backbone_for(i)
+            fname = f"model_{i:03d}.pt"
+            atomic_torch_save(path / fname, {"state_dict": state, "classes": classes, "arch": bb.arch})
+            models[str(i)] = asdict(ZooEntry(
+                index=i, arch=bb.arch, width=bb.width, classes=classes, seed=derive_seed("zoo-model", spec.seed, i),
+                heldout_acc=acc, best_epoch=best_epoch, file=fname, sha256=sha256_file(path / fname),
+                train_seconds=time.perf_counter() - t0, domain=dataset.domain_of(classes[0]),
+            ))
+            atomic_write_json(path / "manifest.json", manifest)  # after every model: a killed build resumes
+            bar.set_postfix_str(f"{bb.arch} held-out {acc:.2f}")
+            bar.update(1)
+        bar.close()
+        atomic_write_json(path / "manifest.json", manifest)
+    entries = [ZooEntry(**models[str(i)]) for i in range(spec.n_models)]
+    return Zoo(spec, path, h, entries, dataset)
+
+
+def load_zoo(spec: ZooSpec, dataset: ImageDataset, *, root: Path | None = None) -> Zoo | None:
+    """The zoo of ``spec`` if it is completely built and every file matches its sha256, else None."""
+    path = zoo_dir(spec, dataset, root)
+    manifest = _read_manifest(path)
+    if manifest is None or manifest.get("hash") != zoo_hash(spec, dataset):
+        return None
+    models = manifest["models"]
+    if any(str(i) not in models or not _entry_valid(path, models[str(i)]) for i in range(spec.n_models)):
+        return None
+    return Zoo(spec, path, manifest["hash"], [ZooEntry(**models[str(i)]) for i in range(spec.n_models)], dataset)
