@@ -1,0 +1,200 @@
+"""The ``dfml-bench`` command line: a thin click layer over the library."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+
+
+def _split(value: str | None) -> list[str] | None:
+    if not value:
+        return None
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _fail(exc: Exception) -> None:
+    raise click.ClickException(str(exc))
+
+
+@click.group()
+@click.version_option(__version__, prog_name="dfml-bench")
+def main() -> None:
+    """dfml-bench: benchmark data-free meta-learning methods on frozen episodes."""
+
+
+@main.command("list")
+@click.argument("what", type=click.Choice(["suites", "methods", "datasets", "all"]), default="all")
+def list_cmd(what: str) -> None:
+    """List registered suites, methods and datasets (with their packages and import errors)."""
+    from .registry import load_group
+    from .scenarios import suite_registry
+
+    if what in ("suites", "all"):
+        click.echo("suites:")
+        for name, factory in sorted(suite_registry().items()):
+            try:
+                s = factory("cpu")
+                click.echo(f"  {name:24s} {len(s.scenarios)} scenarios; methods {','.join(s.methods)}  {s.description}")
+            except Exception as exc:  # e.g. paper-only suites
+                click.echo(f"  {name:24s} ({exc})")
+    for group, label in (("dfml_bench.methods", "methods"), ("dfml_bench.datasets", "datasets")):
+        if what not in (label, "all"):
+            continue
+        click.echo(f"{label}:")
+        for name, e in sorted(load_group(group).items()):
+            pkg = f"{e.package} {e.version}" if e.package else "?"
+            if e.error:
+                click.echo(f"  {name:24s} [{pkg}] BROKEN: {e.error}")
+            else:
+                desc = getattr(e.obj, "description", "") or ""
+                flags = " (not data-free)" if getattr(e.obj, "not_data_free", False) else ""
+                click.echo(f"  {name:24s} [{pkg}] {desc}{flags}")
+
+
+@main.command()
+@click.option("--suite", "suite_name", required=True, help="suite to run (see `dfml-bench list suites`)")
+@click.option("--scale", type=click.Choice(["cpu", "paper"]), default="cpu", show_default=True)
+@click.option("--methods", help="comma-separated methods (default: the suite's)")
+@click.option("--seeds", help="comma-separated seeds (default: the suite's)")
+@click.option("--episodes", type=click.IntRange(min=1), help="number of test episodes (default: the scenario's, 600)")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("results"), show_default=True)
+@click.option("--data-root", type=click.Path(path_type=Path), help="root of real datasets (default $DFML_BENCH_DATA)")
+@click.option("--quiet", is_flag=True, help="no progress bars")
+def run(suite_name, scale, methods, seeds, episodes, device, out, data_root, quiet) -> None:
+    """Run a suite: every (scenario, method, seed) without a finished record; then print its table."""
+    from .leaderboard import render, load_ok_records
+    from .runner import RunOptions, run_suite
+    from .scenarios import get_suite
+
+    try:
+        suite = get_suite(suite_name, scale)
+        seed_list = [int(s) for s in _split(seeds)] if seeds else None
+        opts = RunOptions(out=out, device=device, episodes=episodes, data_root=str(data_root) if data_root else None,
+                          progress=not quiet, log=lambda m: click.echo(m, err=True))
+        records = run_suite(suite, _split(methods), seed_list, opts)
+    except (ValueError, RuntimeError) as exc:
+        _fail(exc)
+    failed = [r for r in records if r.status == "failed"]
+    recs = [r for r in load_ok_records(out) if r.key.suite == suite.name and r.key.scale == scale]
+    click.echo(render(recs).split("\n", 1)[-1] if recs else "no finished records")
+    for r in records:
+        if r.status == "skipped":
+            click.echo(f"skipped {r.key.scenario}/{r.key.method}: {r.error}", err=True)
+    if failed:
+        for r in failed:
+            click.echo(f"FAILED {r.key.scenario}/{r.key.method}/seed{r.key.seed}: {r.error}", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--results", type=click.Path(file_okay=False, path_type=Path), default=Path("results"), show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("leaderboard.md"), show_default=True)
+def leaderboard(results, out) -> None:
+    """Regenerate leaderboard.md from the result records."""
+    from .leaderboard import write_leaderboard
+
+    path = write_leaderboard(results, out)
+    click.echo(f"wrote {path}")
+
+
+@main.group()
+def data() -> None:
+    """Datasets: show samples."""
+
+
+@data.command("show")
+@click.argument("name")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="PNG path (default NAME-samples.png)")
+@click.option("--data-root", type=click.Path(path_type=Path))
+@click.option("--seed", type=int, default=0, show_default=True)
+def data_show(name, out, data_root, seed) -> None:
+    """Write a PNG grid of sample classes of each split."""
+    from .datasets import load_dataset
+    from .datasets.show import save_grid
+
+    try:
+        ds = load_dataset(name, seed=seed, data_root=str(data_root) if data_root else None)
+    except (ValueError, RuntimeError) as exc:
+        _fail(exc)
+    path = save_grid(ds, out or Path(f"{name}-samples.png"), seed=seed)
+    counts = {s: len(c) for s, c in ds.splits.items()}
+    click.echo(f"{name}: {len(ds.labels)} images, {len(ds.class_names)} classes {counts}, shape {ds.image_shape}, hash {ds.hash[:12]}")
+    click.echo(f"wrote {path}")
+
+
+@main.group()
+def zoo() -> None:
+    """Model zoos: build or show the zoos of a suite."""
+
+
+def _zoo_specs(suite_name: str, scale: str, scenario: str | None):
+    from .scenarios import get_suite
+
+    suite = get_suite(suite_name, scale)
+    scens = [suite.scenario(scenario)] if scenario else suite.scenarios
+    seen = {}
+    for s in scens:
+        seen.setdefault((s.dataset, s.dataset_seed, repr(s.zoo)), s)
+    return list(seen.values())
+
+
+@zoo.command("build")
+@click.option("--suite", "suite_name", required=True)
+@click.option("--scale", type=click.Choice(["cpu", "paper"]), default="cpu", show_default=True)
+@click.option("--scenario")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--data-root", type=click.Path(path_type=Path))
+def zoo_build(suite_name, scale, scenario, device, data_root) -> None:
+    """Build (or repair) the zoos a suite needs, with progress."""
+    from .datasets import load_dataset
+    from .runner import resolve_device
+    from .zoo import build_zoo
+
+    try:
+        for s in _zoo_specs(suite_name, scale, scenario):
+            ds = load_dataset(s.dataset, seed=s.dataset_seed, data_root=str(data_root) if data_root else None, scale=scale)
+            z = build_zoo(s.zoo, ds, device=resolve_device(device), log=lambda m: click.echo(m, err=True))
+            click.echo(_zoo_line(z))
+    except (ValueError, RuntimeError) as exc:
+        _fail(exc)
+
+
+@zoo.command("show")
+@click.option("--suite", "suite_name", required=True)
+@click.option("--scale", type=click.Choice(["cpu", "paper"]), default="cpu", show_default=True)
+@click.option("--scenario")
+@click.option("--data-root", type=click.Path(path_type=Path))
+def zoo_show(suite_name, scale, scenario, data_root) -> None:
+    """Show the zoos of a suite: built or not, models, held-out accuracies."""
+    from tabulate import tabulate
+
+    from .datasets import load_dataset
+    from .zoo import load_zoo, zoo_dir
+
+    try:
+        for s in _zoo_specs(suite_name, scale, scenario):
+            ds = load_dataset(s.dataset, seed=s.dataset_seed, data_root=str(data_root) if data_root else None, scale=scale)
+            z = load_zoo(s.zoo, ds)
+            if z is None:
+                click.echo(f"{zoo_dir(s.zoo, ds)}: not built (or incomplete); run `dfml-bench zoo build --suite {suite_name}`")
+                continue
+            click.echo(_zoo_line(z))
+            rows = [[e.index, e.arch, e.width, ",".join(map(str, e.classes)), f"{e.heldout_acc:.3f}", e.sha256[:12]] for e in z.entries]
+            click.echo(tabulate(rows, headers=["#", "arch", "width", "classes", "held-out acc", "sha256"]))
+    except (ValueError, RuntimeError) as exc:
+        _fail(exc)
+
+
+def _zoo_line(z) -> str:
+    s = z.summary()
+    return (f"zoo {z.path}: {s['n_models']} models {s['archs']}, held-out acc mean {s['mean_heldout_acc']:.3f} "
+            f"(min {s['min_heldout_acc']:.3f})")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

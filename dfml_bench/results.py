@@ -1,0 +1,112 @@
+"""Result records: one JSON file per (suite, scale, scenario, method, seed), written atomically.
+
+A record holds everything a result depends on (config, versions, hashes, seeds), the per-episode
+accuracies, queries used, wall time, peak memory and device. ``status`` is ``ok``, ``failed`` (with
+the error; a re-run retries it) or ``skipped`` (the method cannot run in that scenario, with why).
+A re-run of a suite skips every record that is already ``ok`` or ``skipped``: it resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from .utils import atomic_write_json
+
+SCHEMA_VERSION = 1
+STATUSES = ("ok", "failed", "skipped")
+
+
+@dataclass
+class RunKey:
+    suite: str
+    scale: str
+    scenario: str
+    method: str
+    seed: int
+
+    def path(self, out: str | Path) -> Path:
+        return Path(out) / f"{self.suite}-{self.scale}" / self.scenario / self.method / f"seed-{self.seed}.json"
+
+
+@dataclass
+class ResultRecord:
+    key: RunKey
+    status: str
+    config: dict = field(default_factory=dict)
+    versions: dict = field(default_factory=dict)
+    hashes: dict = field(default_factory=dict)
+    seeds: dict = field(default_factory=dict)
+    per_episode: list[float] = field(default_factory=list)
+    accuracy: dict = field(default_factory=dict)
+    per_domain: dict = field(default_factory=dict)
+    queries: dict = field(default_factory=dict)
+    timing: dict = field(default_factory=dict)
+    resources: dict = field(default_factory=dict)
+    flags: dict = field(default_factory=dict)
+    error: str | None = None
+    artifacts: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["schema"] = SCHEMA_VERSION
+        d.update(d.pop("key"))
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ResultRecord":
+        d = dict(d)
+        d.pop("schema", None)
+        key = RunKey(**{k: d.pop(k) for k in ("suite", "scale", "scenario", "method", "seed")})
+        return cls(key=key, **d)
+
+
+def write_record(out: str | Path, record: ResultRecord) -> Path:
+    path = record.key.path(out)
+    atomic_write_json(path, record.to_dict())
+    return path
+
+
+def read_record(path: str | Path) -> ResultRecord:
+    return ResultRecord.from_dict(json.loads(Path(path).read_text()))
+
+
+def is_finished(out: str | Path, key: RunKey) -> bool:
+    """True if a readable record with status ok or skipped exists (failed runs are retried)."""
+    path = key.path(out)
+    if not path.exists():
+        return False
+    try:
+        return read_record(path).status in ("ok", "skipped")
+    except (json.JSONDecodeError, TypeError, KeyError):
+        return False
+
+
+def iter_records(root: str | Path) -> list[Path]:
+    return sorted(p for p in Path(root).rglob("seed-*.json") if not p.name.startswith("."))
+
+
+def package_versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("dfml-bench", "torch", "torchvision", "numpy", "scipy", "pandas") + tuple(extra):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def summary_of(per_episode: list[float]) -> dict[str, Any]:
+    """Mean and 95% CI (1.96 * population std / sqrt(n), the literature's formula) of per-episode accuracy."""
+    n = len(per_episode)
+    if n == 0:
+        return {"mean": math.nan, "ci95": math.nan, "std": math.nan, "n": 0}
+    mean = sum(per_episode) / n
+    std = math.sqrt(sum((a - mean) ** 2 for a in per_episode) / n)
+    return {"mean": mean, "ci95": 1.96 * std / math.sqrt(n), "std": std, "n": n}
