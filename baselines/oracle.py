@@ -6,13 +6,12 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
 from dfml_bench.episodes import EpisodeSpec, sample_episodes
-from dfml_bench.evaluation import inner_adapt
 from dfml_bench.methods import Method, MethodContext
+
+from .maml import maml_step
 
 
 class Oracle(Method):
@@ -51,16 +50,8 @@ class Oracle(Method):
             seed = int(torch.randint(0, 2**62, (1,), generator=g))
             tasks = sample_episodes(data, "train", train_spec, seed)
             sx, sy, qx, qy = tasks.tensors(data, device=context.device)
-            params = dict(model.named_parameters())
-            buffers = dict(model.named_buffers())
-            loss = 0.0
-            for t in range(self.meta_batch):
-                fast = inner_adapt(model, params, buffers, sx[t], sy[t], steps=self.inner_steps, lr=self.inner_lr,
-                                   create_graph=not self.first_order)
-                loss = loss + F.cross_entropy(functional_call(model, (fast, buffers), (qx[t],)), qy[t])
-            opt.zero_grad(set_to_none=True)
-            (loss / self.meta_batch).backward()
-            opt.step()
+            batch = [(sx[t], sy[t], qx[t], qy[t]) for t in range(self.meta_batch)]
+            maml_step(model, opt, batch, steps=self.inner_steps, lr=self.inner_lr, first_order=self.first_order)
             bar.update(1)
             if it % val_every == 0 or it == iterations:
                 acc = context.evaluate_val(model, self.val_episodes)

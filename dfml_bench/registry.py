@@ -23,8 +23,25 @@ class Entry:
     error: str | None = None
 
 
+_LOCAL: dict[str, dict[str, Entry]] = {g: {} for g in GROUPS}
+
+
+def register(group: str, name: str, obj: Any) -> None:
+    """Register ``obj`` under ``group`` in this process only (notebooks, tests). Installed packages
+    should declare an entry point instead, so that every process sees them."""
+    if group not in GROUPS:
+        raise ValueError(f"unknown registry group {group!r}; groups: {GROUPS}")
+    _LOCAL[group][name] = Entry(name=name, value=f"{getattr(obj, '__module__', '?')}:{getattr(obj, '__qualname__', repr(obj))}",
+                                package=None, version=None, obj=obj)
+
+
+def unregister(group: str, name: str) -> None:
+    _LOCAL[group].pop(name, None)
+
+
 def load_group(group: str) -> dict[str, Entry]:
-    """All entry points of ``group``, loaded; import failures are recorded, not raised."""
+    """All entry points of ``group``, loaded; import failures are recorded, not raised.
+    In-process registrations (:func:`register`) take precedence."""
     out: dict[str, Entry] = {}
     for ep in metadata.entry_points(group=group):
         dist = getattr(ep, "dist", None)
@@ -41,4 +58,5 @@ def load_group(group: str) -> dict[str, Entry]:
         if ep.name in out and out[ep.name].error is None:
             continue  # first successfully loaded wins; duplicates are rare (editable + installed)
         out[ep.name] = entry
+    out.update(_LOCAL.get(group, {}))
     return out

@@ -1,24 +1,11 @@
-"""The built-in suites. Each factory takes a scale (``cpu`` or ``paper``) and returns a Suite.
-
-``cpu`` scale runs on the embedded ``glyphs`` dataset in minutes on two cores; ``paper`` scale uses the
-literature's datasets, zoo sizes and recipes and is meant for a GPU.
-"""
+"""The ``smoke`` suite: checks an installation end to end in a few minutes on CPU."""
 
 from __future__ import annotations
 
-from .backbones import BackboneSpec
-from .episodes import EpisodeSpec
-from .scenarios import Scenario, Suite, SuiteError
-from .zoo import TrainRecipe, ZooSpec
-
-CONV4 = BackboneSpec("conv4", 32)
-
-# Literature recipes (field-survey section 2.2): Conv4 Adam 0.01 x 60 epochs; ResNets SGD.
-PAPER_CONV4 = TrainRecipe(epochs=60, optimizer="adam", lr=0.01, batch_size=128, augment="flip_crop")
-PAPER_RESNET = TrainRecipe(epochs=100, optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4,
-                           milestones=(30, 50, 80), gamma=0.2, batch_size=128, augment="flip_crop")
-# CPU scale: glyph instances are already jittered, so no augmentation; few epochs suffice on 5-way tasks.
-CPU_CONV4 = TrainRecipe(epochs=12, optimizer="adam", lr=0.005, batch_size=50)
+from ..episodes import EpisodeSpec
+from ..scenarios import Scenario, Suite, SuiteError
+from ..zoo import ZooSpec
+from .common import CONV4, CPU_CONV4
 
 
 def _smoke(scale: str) -> Suite:
@@ -43,6 +30,4 @@ def _smoke(scale: str) -> Suite:
     )
 
 
-def builtin_suites() -> dict:
-    """Entry point of the ``dfml_bench.suites`` group for the built-in suites."""
-    return {"smoke": _smoke}
+SUITES = {"smoke": _smoke}

@@ -1,0 +1,78 @@
+"""Shared fixtures: a tiny learnable dataset and a tiny suite, registered in-process, and an isolated
+``$DFML_BENCH_HOME`` per test session so no test touches the user's cache."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from dfml_bench.backbones import BackboneSpec
+from dfml_bench.datasets import ImageDataset
+from dfml_bench.episodes import EpisodeSpec
+from dfml_bench.evaluation import AdaptProtocol
+from dfml_bench.registry import register
+from dfml_bench.scenarios import Scenario, Suite
+from dfml_bench.utils import make_generator, sha256_tensor, sha256_json
+from dfml_bench.zoo import TrainRecipe, ZooSpec
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def make_toy_dataset(n_classes: int = 30, per_class: int = 30, size: int = 16, seed: int = 0, name: str = "toy") -> ImageDataset:
+    """Classes are distinct random colour templates plus noise: learnable in a few steps, tiny."""
+    g = make_generator(seed)
+    templates = torch.rand(n_classes, 3, size, size, generator=g)
+    templates = torch.nn.functional.avg_pool2d(templates, 3, 1, 1)  # smooth, so small shifts keep class identity
+    noise = 0.25 * torch.randn(n_classes, per_class, 3, size, size, generator=g)
+    x = (templates[:, None] + noise).clamp(0, 1)
+    images = (x * 255).round().to(torch.uint8).reshape(-1, 3, size, size)
+    labels = torch.arange(n_classes).repeat_interleave(per_class)
+    n_tr, n_va = n_classes // 2, n_classes // 4
+    splits = {"train": list(range(n_tr)), "val": list(range(n_tr, n_tr + n_va)), "test": list(range(n_tr + n_va, n_classes))}
+    h = sha256_json([name, sha256_tensor(images), sha256_tensor(labels), splits])
+    return ImageDataset(name, images, labels, [f"c{i}" for i in range(n_classes)], splits, (0.5,) * 3, (0.25,) * 3, h)
+
+
+class ToyBuilder:
+    name = "toy"
+
+    def load(self, *, seed: int = 0, data_root=None, scale: str = "cpu") -> ImageDataset:
+        return make_toy_dataset(seed=seed)
+
+
+def toy_suite(scale: str = "cpu") -> Suite:
+    bb = BackboneSpec("conv4", 8)
+    zoo = ZooSpec(dataset="toy", n_models=3, ways=5, backbones=(bb,), recipes=(("*", TrainRecipe(epochs=3, batch_size=32)),), seed=0)
+    eps = EpisodeSpec(ways=5, shots=1, queries=5, n_episodes=20)
+    proto = AdaptProtocol(steps=3, lr=0.05)
+    common = dict(dataset="toy", zoo=zoo, episodes=eps, val_episodes=10, backbone=bb, protocol=proto,
+                  method_params={"oracle": {"iterations": 6, "val_every": 3, "val_episodes": 5}})
+    return Suite(
+        name="toy", scale=scale,
+        scenarios=[Scenario(name="wb", access="whitebox", **common),
+                   Scenario(name="bb", access="blackbox", budget_total=10_000, **common)],
+        methods=["random", "average", "oracle"], seeds=[0],
+    )
+
+
+register("dfml_bench.datasets", "toy", ToyBuilder)
+register("dfml_bench.suites", "toy", lambda: {"toy": toy_suite})
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_home(tmp_path_factory):
+    home = tmp_path_factory.mktemp("dfml_home")
+    old = os.environ.get("DFML_BENCH_HOME")
+    os.environ["DFML_BENCH_HOME"] = str(home)
+    yield home
+    if old is None:
+        os.environ.pop("DFML_BENCH_HOME", None)
+    else:
+        os.environ["DFML_BENCH_HOME"] = old
+
+
+@pytest.fixture
+def toy_dataset() -> ImageDataset:
+    return make_toy_dataset()
