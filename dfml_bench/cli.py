@@ -104,7 +104,7 @@ def leaderboard(results, out) -> None:
 
 @main.group()
 def data() -> None:
-    """Datasets: show samples."""
+    """Datasets: show samples; prepare and check the real datasets."""
 
 
 @data.command("show")
@@ -125,6 +125,41 @@ def data_show(name, out, data_root, seed) -> None:
     counts = {s: len(c) for s, c in ds.splits.items()}
     click.echo(f"{name}: {len(ds.labels)} images, {len(ds.class_names)} classes {counts}, shape {ds.image_shape}, hash {ds.hash[:12]}")
     click.echo(f"wrote {path}")
+
+
+@data.command("prepare")
+@click.argument("name")
+@click.option("--from", "source", required=True, type=click.Path(exists=True, path_type=Path),
+              help="the original release: cifar-100-python.tar.gz, CUB_200_2011.tgz, or a MiniImageNet folder with CSVs")
+@click.option("--data-root", type=click.Path(path_type=Path), help="where to write NAME/ (default $DFML_BENCH_DATA)")
+@click.option("--quiet", is_flag=True, help="no progress bar")
+def data_prepare(name, source, data_root, quiet) -> None:
+    """Build a real dataset's folder under the data root from its original release (atomic, idempotent)."""
+    from .datasets.prepare import prepare
+
+    try:
+        path = prepare(name, source, data_root, progress=not quiet, log=lambda m: click.echo(m, err=True))
+    except (ValueError, RuntimeError, OSError) as exc:
+        _fail(exc)
+    click.echo(f"{name}: ready at {path}; verify with `dfml-bench data check {name}`")
+
+
+@data.command("check")
+@click.argument("name")
+@click.option("--data-root", type=click.Path(path_type=Path), help="default $DFML_BENCH_DATA")
+@click.option("--no-decode", is_flag=True, help="count files only; do not decode every image")
+@click.option("--quiet", is_flag=True, help="no progress bar")
+def data_check(name, data_root, no_decode, quiet) -> None:
+    """Verify a real dataset: classes per split, images per class, image sizes, readable files."""
+    from .datasets.prepare import check
+
+    try:
+        rep = check(name, data_root, decode=not no_decode, progress=not quiet)
+    except (ValueError, RuntimeError) as exc:
+        _fail(exc)
+    click.echo(rep.format())
+    if not rep.ok:
+        sys.exit(1)
 
 
 @main.group()
