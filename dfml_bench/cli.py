@@ -65,30 +65,83 @@ def list_cmd(what: str) -> None:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("results"), show_default=True)
 @click.option("--data-root", type=click.Path(path_type=Path), help="root of real datasets (default $DFML_BENCH_DATA)")
 @click.option("--quiet", is_flag=True, help="no progress bars")
-def run(suite_name, scale, methods, seeds, episodes, device, out, data_root, quiet) -> None:
+@click.option("--plan", "plan_only", is_flag=True, help="print the jobs, their dependencies and what is done; run nothing")
+@click.option("--launcher", type=click.Choice(["local", "submitit"]), default="local", show_default=True,
+              help="local: worker processes on this machine; submitit: Slurm jobs through submitit")
+@click.option("--jobs", "n_jobs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="local launcher: worker processes (1 = serial, in this process)")
+@click.option("--plugin", "plugins", multiple=True,
+              help="module or .py file that workers import first (for suites/methods registered in-process)")
+@click.option("--slurm-config", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="JSON or TOML file of Slurm settings (keys of SlurmConfig; flags override it)")
+@click.option("--partition", help="Slurm partition")
+@click.option("--time-min", type=click.IntRange(min=1), help="Slurm time limit per job, minutes (default 60)")
+@click.option("--gpus-per-job", type=click.IntRange(min=0), help="GPUs per Slurm job (>0 runs on cuda)")
+@click.option("--cpus-per-job", type=click.IntRange(min=1), help="CPUs per Slurm job (default 2)")
+@click.option("--mem-gb", type=float, help="memory per Slurm job, GB")
+@click.option("--array-parallelism", type=click.IntRange(min=1), help="Slurm array tasks running at once (default 64)")
+@click.option("--cluster", type=click.Choice(["slurm", "local", "debug"]), default=None,
+              help="submitit executor (default: slurm when sbatch exists, else local)")
+@click.option("--no-wait", is_flag=True, help="submitit: submit and return; follow with `dfml-bench status OUT`")
+def run(suite_name, scale, methods, seeds, episodes, device, out, data_root, quiet, plan_only, launcher, n_jobs, plugins,
+        slurm_config, partition, time_min, gpus_per_job, cpus_per_job, mem_gb, array_parallelism, cluster, no_wait) -> None:
     """Run a suite: every (scenario, method, seed) without a finished record; then print its table."""
+    from .jobs import JobContext, format_plan, plan_states, plan_suite
+    from .launchers import LocalLauncher, SlurmConfig, SubmititLauncher
     from .leaderboard import render, load_ok_records
-    from .runner import RunOptions, run_suite
+    from .runner import _validate_methods
     from .scenarios import get_suite
 
+    log = lambda m: click.echo(m, err=True)  # noqa: E731
     try:
         suite = get_suite(suite_name, scale)
         seed_list = [int(s) for s in _split(seeds)] if seeds else None
-        opts = RunOptions(out=out, device=device, episodes=episodes, data_root=str(data_root) if data_root else None,
-                          progress=not quiet, log=lambda m: click.echo(m, err=True))
-        records = run_suite(suite, _split(methods), seed_list, opts)
+        method_list = _split(methods)
+        _validate_methods(method_list or suite.methods)
+        plan = plan_suite(suite, method_list, seed_list)
+        ctx = JobContext(out=str(out), device=device, episodes=episodes, data_root=str(data_root) if data_root else None,
+                         plugins=tuple(plugins))
+        if plan_only:
+            click.echo(format_plan(plan, plan_states(out, plan, check_zoo=True, data_root=ctx.data_root)))
+            return
+        if launcher == "submitit":
+            flags = dict(partition=partition, time_min=time_min, gpus_per_job=gpus_per_job, cpus_per_job=cpus_per_job,
+                         mem_gb=mem_gb, array_parallelism=array_parallelism)
+            cfg = (SlurmConfig.from_file(slurm_config, **flags) if slurm_config
+                   else SlurmConfig(**{k: v for k, v in flags.items() if v is not None}))
+            states = SubmititLauncher(cfg, cluster=cluster, wait=not no_wait, log=log).launch(plan, ctx)
+            if no_wait:
+                click.echo(format_plan(plan, states))
+                return
+        else:
+            states = LocalLauncher(n_jobs, progress=not quiet, log=log).launch(plan, ctx)
     except (ValueError, RuntimeError) as exc:
         _fail(exc)
-    failed = [r for r in records if r.status == "failed"]
     recs = [r for r in load_ok_records(out) if r.key.suite == suite.name and r.key.scale == scale]
     click.echo(render(recs).split("\n", 1)[-1] if recs else "no finished records")
-    for r in records:
-        if r.status == "skipped":
-            click.echo(f"skipped {r.key.scenario}/{r.key.method}: {r.error}", err=True)
-    if failed:
-        for r in failed:
-            click.echo(f"FAILED {r.key.scenario}/{r.key.method}/seed{r.key.seed}: {r.error}", err=True)
+    for j in plan.jobs:
+        state, reason = states[j.id]
+        if reason.startswith("skipped:"):
+            click.echo(f"skipped {j.scenario}/{j.method}: {reason[len('skipped: '):]}", err=True)
+    bad = [(j, states[j.id]) for j in plan.jobs if states[j.id][0] != "done"]
+    if bad:
+        for j, (state, reason) in bad:
+            click.echo(f"{state.upper()} {j.id}: {reason}", err=True)
         sys.exit(1)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--all", "show_all", is_flag=True, help="list done jobs too (default: only counts for them)")
+def status(run_dir, show_all) -> None:
+    """Show the jobs of a run folder: done / running / failed / pending, with reasons."""
+    from .jobs import format_plan, run_status
+
+    try:
+        for plan, states in run_status(run_dir):
+            click.echo(format_plan(plan, states, hide_done=not show_all))
+    except FileNotFoundError as exc:
+        _fail(exc)
 
 
 @main.command()

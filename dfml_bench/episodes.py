@@ -144,14 +144,25 @@ def frozen_episodes(
     """The episodes of (dataset, split, spec, seed): loaded from ``store`` if drawn before, else drawn and stored.
 
     The file name encodes everything the draw depends on, so every method of a run gets the same file.
+    Safe with concurrent workers: the file is written once, under a lock, by the first process that
+    needs it (atomically, so a reader never sees part of it); everyone else only reads it.
     """
+    from filelock import FileLock
+
     key = sha256_json([dataset.hash, split, spec.ways, spec.shots, spec.queries, spec.n_episodes, int(seed)])[:16]
     path = Path(store) / f"{dataset.name}-{split}-{spec.ways}w{spec.shots}s{spec.queries}q-{spec.n_episodes}-seed{seed}-{key}.pt"
     if path.exists():
         try:
-            return load_episodes(path)
+            return load_episodes(path)  # the common case: read-only, no lock
         except Exception:
-            path.unlink(missing_ok=True)  # corrupted: redraw (deterministic, so the same episodes come back)
-    eps = sample_episodes(dataset, split, spec, seed)
-    save_episodes(path, eps)
+            pass  # corrupted: decided below, under the lock
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if path.exists():
+            try:
+                return load_episodes(path)  # another process wrote it while we waited
+            except Exception:
+                path.unlink(missing_ok=True)  # corrupted: redraw (deterministic, so the same episodes come back)
+        eps = sample_episodes(dataset, split, spec, seed)
+        save_episodes(path, eps)
     return eps

@@ -1,0 +1,422 @@
+"""Launchers: hand the jobs of a plan (:mod:`dfml_bench.jobs`) to an engine that runs them.
+
+* :class:`LocalLauncher` runs them on this machine: ``jobs=1`` in this process, one after another
+  (the serial path); ``jobs=N`` in N long-lived worker processes (start method ``spawn``, torch
+  threads ``max(1, cores // N)`` each, one GPU each when several are visible), respecting
+  dependencies: a run job starts only once its zoo job is done. A worker that dies midway (killed,
+  out of memory) has its job marked failed and is replaced; the suite goes on.
+* :class:`SubmititLauncher` submits them to Slurm through submitit: zoo jobs first, then one job
+  array per zoo whose tasks depend on it (``afterok``). With ``cluster="local"`` it uses submitit's
+  local executor (each job a separate process; tests use it), which has no dependencies, so it waits
+  for the zoo jobs and then submits the array.
+
+Every job, wherever it runs, goes through :func:`execute_job`: it imports the plugins, writes its
+status file, skips itself if its record is already finished, and runs the zoo build or
+:func:`dfml_bench.runner.run_one`. Records and zoo files are written atomically, so a killed worker
+leaves nothing partial, and a re-run resumes.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field, fields, replace
+from multiprocessing.connection import wait as mp_wait
+from pathlib import Path
+from typing import Any, Callable
+
+from .jobs import Job, JobContext, Plan, import_plugins, plan_states, save_plan, write_status
+from .results import is_finished
+
+Log = Callable[[str], None]
+
+
+# ------------------------------------------------------------------------------------------ one job
+
+
+def resolve_job_device(device: str) -> str:
+    """``auto`` means cuda when this process sees a GPU (Slurm / submitit set CUDA_VISIBLE_DEVICES), else cpu."""
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def execute_job(job: Job, ctx: JobContext, *, progress: bool = False, log: Log | None = None, bar=None) -> dict:
+    """Run one job (in any process) and return ``{"id", "state", "error"}``. Never raises for a
+    job's own failure; the status file under ``ctx.out/.jobs/`` says what happened."""
+    from .runner import RunOptions, run_one
+
+    import_plugins(ctx.plugins)
+    device = resolve_job_device(ctx.device)
+    if job.kind == "run" and is_finished(ctx.out, job.key):
+        write_status(ctx.out, job, "done", device=device, note="already finished; not recomputed")
+        return {"id": job.id, "state": "done", "error": None}
+    write_status(ctx.out, job, "running", device=device, started_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    t0 = time.time()
+    try:
+        from .scenarios import get_suite
+
+        suite = get_suite(job.suite, job.scale)
+        scenario = suite.scenario(job.scenario)
+        if job.kind == "zoo":
+            from .datasets import load_dataset
+            from .runner import resolve_device
+            from .zoo import build_zoo
+
+            ds = load_dataset(scenario.dataset, seed=scenario.dataset_seed, data_root=ctx.data_root, scale=job.scale)
+            zoo = build_zoo(scenario.zoo, ds, device=resolve_device(device), progress=progress, log=log)
+            state, error, extra = "done", None, {"zoo": str(zoo.path)}
+        elif job.kind == "run":
+            opts = RunOptions(out=Path(ctx.out), device=device, episodes=ctx.episodes, data_root=ctx.data_root,
+                              progress=progress, log=log, method_params=dict(ctx.method_params), isolated_apis=ctx.isolated_apis)
+            rec = run_one(suite, scenario, job.method, int(job.seed), opts, bar)
+            state = "failed" if rec.status == "failed" else "done"
+            error, extra = rec.error, {"record_status": rec.status}
+        else:
+            raise ValueError(f"unknown job kind {job.kind!r}")
+    except KeyboardInterrupt:
+        write_status(ctx.out, job, "failed", device=device, error="interrupted")
+        raise
+    except Exception as exc:
+        state, error, extra = "failed", f"{type(exc).__name__}: {exc}", {"traceback": traceback.format_exc(limit=10)}
+    write_status(ctx.out, job, state, device=device, error=error, seconds=round(time.time() - t0, 3), **extra)
+    return {"id": job.id, "state": state, "error": error}
+
+
+def _with_plugins(ctx: JobContext, plugins: tuple[str, ...] | None) -> JobContext:
+    from .jobs import local_plugins
+
+    extra = tuple(plugins or ()) + local_plugins()
+    merged = tuple(dict.fromkeys(tuple(ctx.plugins) + extra))
+    return replace(ctx, plugins=merged)
+
+
+def _todo(plan: Plan, ctx: JobContext) -> tuple[list[Job], dict[str, tuple[str, str]]]:
+    """Jobs still to run (run jobs without a finished record, and the zoo jobs they need)."""
+    states = plan_states(ctx.out, plan)
+    runs = [j for j in plan.run_jobs if states[j.id][0] != "done"]
+    needed = {d for j in runs for d in j.deps}
+    zoos = [j for j in plan.zoo_jobs if j.id in needed]
+    return zoos + runs, states
+
+
+# ---------------------------------------------------------------------------------------- local pool
+
+
+def _worker_main(conn, index: int, threads: int, ctx: JobContext) -> None:
+    """A worker process: set its threads and device, import plugins, then run the jobs it is sent."""
+    import torch
+
+    torch.set_num_threads(threads)
+    import_plugins(ctx.plugins)
+    while True:
+        try:
+            job = conn.recv()
+        except EOFError:
+            return
+        if job is None:
+            return
+        try:
+            result = execute_job(job, ctx)
+        except BaseException as exc:  # execute_job only raises on interrupts; report and stop
+            result = {"id": job.id, "state": "failed", "error": f"{type(exc).__name__}: {exc}"}
+            conn.send(result)
+            return
+        conn.send(result)
+
+
+@dataclass
+class _Worker:
+    index: int
+    proc: Any
+    conn: Any
+    job: Job | None = None
+
+
+class LocalLauncher:
+    """Run a plan on this machine with ``jobs`` worker processes (1 = in this process)."""
+
+    def __init__(self, jobs: int = 1, *, threads: int | None = None, progress: bool = True, log: Log | None = None,
+                 plugins: tuple[str, ...] | list[str] = ()):
+        if jobs < 1:
+            raise ValueError(f"--jobs must be at least 1, got {jobs}")
+        self.jobs = jobs
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        self.threads = threads or max(1, cores // jobs)
+        self.progress = progress
+        self.log = log or (lambda m: None)
+        self.plugins = tuple(plugins)
+
+    def launch(self, plan: Plan, ctx: JobContext) -> dict[str, tuple[str, str]]:
+        """Run every job of ``plan`` that is not done; return the final state of every job."""
+        ctx = _with_plugins(ctx, self.plugins)
+        import_plugins(ctx.plugins)
+        save_plan(ctx.out, plan)
+        todo, states = _todo(plan, ctx)
+        if self.jobs == 1:
+            self._serial(plan, todo, ctx)
+        else:
+            self._pool(todo, ctx, {j for j, s in states.items() if s[0] == "done"})
+        return plan_states(ctx.out, plan)
+
+    # serial: today's in-process path, with status files
+    def _serial(self, plan: Plan, todo: list[Job], ctx: JobContext) -> None:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(plan.run_jobs), initial=len(plan.run_jobs) - sum(j.kind == "run" for j in todo),
+                   desc=f"suite {plan.suite} ({plan.scale})", disable=not self.progress)
+        failed: set[str] = set()
+        for job in todo:
+            if any(d in failed for d in job.deps):
+                failed.add(job.id)
+                self.log(f"not running {job.id}: dependency {','.join(d for d in job.deps if d in failed)} failed")
+                continue
+            res = execute_job(job, ctx, progress=self.progress, log=self.log, bar=bar)
+            if res["state"] == "failed":
+                failed.add(job.id)
+                self.log(f"FAILED {job.id}: {res['error']}")
+            if job.kind == "run":
+                bar.update(1)
+        bar.close()
+
+    def _spawn(self, index: int, ctx: JobContext) -> _Worker:
+        mpc = mp.get_context("spawn")
+        parent, child = mpc.Pipe()
+        wctx = ctx
+        if ctx.device.startswith("cuda") and ctx.device == "cuda":
+            try:
+                import torch
+
+                n = torch.cuda.device_count()
+            except Exception:
+                n = 0
+            if n > 1:
+                wctx = replace(ctx, device=f"cuda:{index % n}")  # one GPU per worker, round robin
+        proc = mpc.Process(target=_worker_main, args=(child, index, self.threads, wctx), name=f"dfml-worker-{index}", daemon=False)
+        proc.start()
+        child.close()
+        return _Worker(index, proc, parent)
+
+    def _pool(self, todo: list[Job], ctx: JobContext, done: set[str]) -> None:
+        from tqdm.auto import tqdm
+
+        n_runs = sum(j.kind == "run" for j in todo)
+        bar = tqdm(total=n_runs, desc=f"{n_runs} jobs on {self.jobs} workers", disable=not self.progress)
+        pending = list(todo)
+        failed: set[str] = set()
+        workers = [self._spawn(i, ctx) for i in range(min(self.jobs, len(todo)))]
+
+        def finish(w: _Worker, state: str, error: str | None) -> None:
+            job = w.job
+            w.job = None
+            (done if state == "done" else failed).add(job.id)
+            if state != "done":
+                self.log(f"FAILED {job.id}: {error}")
+            if job.kind == "run":
+                bar.update(1)
+
+        try:
+            while True:
+                # drop jobs whose dependencies failed (they stay pending, `status` says why)
+                for job in [j for j in pending if any(d in failed for d in j.deps)]:
+                    pending.remove(job)
+                    failed.add(job.id)
+                    self.log(f"not running {job.id}: dependency failed")
+                for w in workers:
+                    if w.job is None and pending:
+                        ready = next((j for j in pending if all(d in done for d in j.deps)), None)
+                        if ready is None:
+                            break
+                        if not w.proc.is_alive():
+                            workers[workers.index(w)] = w = self._spawn(w.index, ctx)
+                        pending.remove(ready)
+                        w.job = ready
+                        w.conn.send(ready)
+                busy = [w for w in workers if w.job is not None]
+                if not busy:
+                    break  # nothing running and nothing can start
+                mp_wait([w.conn for w in busy] + [w.proc.sentinel for w in busy])
+                for w in busy:
+                    if w.conn.poll():
+                        try:
+                            res = w.conn.recv()
+                            finish(w, res["state"], res.get("error"))
+                            continue
+                        except (EOFError, OSError):
+                            pass
+                    if not w.proc.is_alive():
+                        code = w.proc.exitcode
+                        why = f"worker {w.index} (pid {w.proc.pid}) died with exit code {code} while running it"
+                        write_status(ctx.out, w.job, "failed", error=why, pid=w.proc.pid)
+                        finish(w, "failed", why)
+                        workers[workers.index(w)] = self._spawn(w.index, ctx) if pending else w
+        finally:
+            bar.close()
+            for w in workers:
+                try:
+                    if w.proc.is_alive():
+                        w.conn.send(None)
+                except (BrokenPipeError, OSError):
+                    pass
+            for w in workers:
+                w.proc.join(timeout=30)
+                if w.proc.is_alive():
+                    w.proc.terminate()
+                    w.proc.join(5)
+
+
+# ------------------------------------------------------------------------------------------ submitit
+
+
+@dataclass
+class SlurmConfig:
+    """Slurm resources of each job (flags of ``dfml-bench run`` or a JSON / TOML file with these keys)."""
+
+    partition: str | None = None
+    time_min: int = 60  # time limit of each run job, minutes
+    zoo_time_min: int | None = None  # of each zoo job (default: time_min)
+    gpus_per_job: int = 0
+    cpus_per_job: int = 2
+    mem_gb: float | None = None
+    array_parallelism: int = 64  # how many tasks of an array run at once
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    setup: list[str] = field(default_factory=list)  # shell lines run before each job (module load, ...)
+    extra: dict = field(default_factory=dict)  # more sbatch parameters, passed as is
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides) -> "SlurmConfig":
+        """Read a JSON (``.json``) or TOML (``.toml``) file; a ``[slurm]`` table is used if present.
+        ``overrides`` that are not None win over the file."""
+        path = Path(path)
+        text = path.read_text()
+        if path.suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        elif path.suffix == ".json":
+            import json
+
+            data = json.loads(text)
+        else:
+            raise ValueError(f"Slurm config {path} must be .json or .toml")
+        data = data.get("slurm", data)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"Slurm config {path}: unknown keys {unknown}; known keys: {sorted(known)}")
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**data)
+
+    def executor_parameters(self, zoo: bool = False) -> dict:
+        p: dict[str, Any] = {"timeout_min": int((self.zoo_time_min or self.time_min) if zoo else self.time_min),
+                             "cpus_per_task": int(self.cpus_per_job), "gpus_per_node": int(self.gpus_per_job),
+                             "tasks_per_node": 1, "nodes": 1, "slurm_array_parallelism": int(self.array_parallelism)}
+        if self.mem_gb is not None:
+            p["mem_gb"] = self.mem_gb
+        if self.partition:
+            p["slurm_partition"] = self.partition
+        if self.setup:
+            p["slurm_setup"] = list(self.setup)
+        extra = dict(self.extra)
+        for k in ("account", "qos", "constraint"):
+            if getattr(self, k):
+                extra[k] = getattr(self, k)
+        if extra:
+            p["slurm_additional_parameters"] = extra
+        return p
+
+
+def submitit_entry(job: Job, ctx: JobContext) -> dict:
+    """What a submitit job runs: the worker's torch threads follow the CPUs Slurm gave it."""
+    import torch
+
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK") or os.environ.get("SUBMITIT_CPUS_PER_TASK")
+    if cpus and cpus.isdigit():
+        torch.set_num_threads(max(1, int(cpus)))
+    return execute_job(job, ctx, log=lambda m: print(m, file=sys.stderr, flush=True))
+
+
+class SubmititLauncher:
+    """Submit a plan to Slurm through submitit (``cluster=None``: Slurm if ``sbatch`` exists, else
+    local; ``"local"``: submitit's local executor, jobs as separate processes)."""
+
+    def __init__(self, config: SlurmConfig | None = None, *, cluster: str | None = None, wait: bool = True,
+                 log: Log | None = None, plugins: tuple[str, ...] | list[str] = ()):
+        try:
+            import submitit  # noqa: F401
+        except ImportError as exc:
+            raise RuntimeError("--launcher submitit needs submitit: pip install 'dfml-bench[slurm]'") from exc
+        self.config = config or SlurmConfig()
+        self.cluster = cluster
+        self.wait = wait
+        self.log = log or (lambda m: None)
+        self.plugins = tuple(plugins)
+        self.submitted: dict[str, Any] = {}  # job id -> submitit Job
+
+    def _executor(self, ctx: JobContext, zoo: bool):
+        import submitit
+
+        ex = submitit.AutoExecutor(folder=str(Path(ctx.out).resolve() / ".jobs" / "submitit" / "%j"), cluster=self.cluster)
+        ex.update_parameters(name="dfml-zoo" if zoo else "dfml-run", **self.config.executor_parameters(zoo))
+        return ex
+
+    def _submit(self, ex, jobs: list[Job], ctx: JobContext) -> list:
+        if not jobs:
+            return []
+        with ex.batch():
+            handles = [ex.submit(submitit_entry, j, ctx) for j in jobs]
+        for j, h in zip(jobs, handles):
+            self.submitted[j.id] = h
+            write_status(ctx.out, j, "pending", note=f"submitted as {ex.cluster} job {h.job_id}", slurm_job_id=str(h.job_id))
+        self.log(f"submitted {len(jobs)} job(s) to {ex.cluster}: {', '.join(str(h.job_id) for h in handles)}")
+        return handles
+
+    def launch(self, plan: Plan, ctx: JobContext) -> dict[str, tuple[str, str]]:
+        ctx = _with_plugins(ctx, self.plugins)
+        if ctx.device == "cpu" and self.config.gpus_per_job > 0:
+            ctx = replace(ctx, device="auto")
+        save_plan(ctx.out, plan)
+        todo, _ = _todo(plan, ctx)
+        zoos = [j for j in todo if j.kind == "zoo"]
+        runs = [j for j in todo if j.kind == "run"]
+        zex = self._executor(ctx, zoo=True)
+        zoo_handles = dict(zip([j.id for j in zoos], self._submit(zex, zoos, ctx)))
+        if zex.cluster == "slurm":
+            # one array per zoo, each task afterok on its zoo job: Slurm orders them, we need not wait
+            groups: dict[tuple[str, ...], list[Job]] = {}
+            for j in runs:
+                groups.setdefault(tuple(d for d in j.deps if d in zoo_handles), []).append(j)
+            for deps, jobs in groups.items():
+                ex = self._executor(ctx, zoo=False)
+                if deps:
+                    params = self.config.executor_parameters(False).get("slurm_additional_parameters", {})
+                    dep = "afterok:" + ":".join(str(zoo_handles[d].job_id) for d in deps)
+                    ex.update_parameters(slurm_additional_parameters={**params, "dependency": dep})
+                self._submit(ex, jobs, ctx)
+        else:
+            # the local / debug executors know no dependencies: wait for the zoos, then submit the rest
+            failed = set()
+            for jid, h in zoo_handles.items():
+                try:
+                    res = h.result()
+                    if res["state"] != "done":
+                        failed.add(jid)
+                except Exception as exc:
+                    failed.add(jid)
+                    write_status(ctx.out, plan.job(jid), "failed", error=f"submitit job {h.job_id}: {exc}")
+            self._submit(self._executor(ctx, zoo=False), [j for j in runs if not set(j.deps) & failed], ctx)
+        if self.wait:
+            for jid, h in self.submitted.items():
+                try:
+                    h.result()
+                except Exception as exc:  # the job died (timeout, node failure, kill): say so
+                    msg = str(exc).strip().splitlines()
+                    write_status(ctx.out, plan.job(jid), "failed", error=f"submitit job {h.job_id} failed: {msg[-1] if msg else exc}")
+        return plan_states(ctx.out, plan)
