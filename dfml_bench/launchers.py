@@ -96,12 +96,13 @@ def _with_plugins(ctx: JobContext, plugins: tuple[str, ...] | None) -> JobContex
     return replace(ctx, plugins=merged)
 
 
-def _todo(plan: Plan, ctx: JobContext) -> tuple[list[Job], dict[str, tuple[str, str]]]:
-    """Jobs still to run (run jobs without a finished record, and the zoo jobs they need)."""
-    states = plan_states(ctx.out, plan)
+def _todo(plan: Plan, ctx: JobContext, check_zoo: bool = False) -> tuple[list[Job], dict[str, tuple[str, str]]]:
+    """Jobs still to run (run jobs without a finished record, and the zoo jobs they need; with
+    ``check_zoo``, zoos already built and verified in the cache are not jobs)."""
+    states = plan_states(ctx.out, plan, check_zoo=check_zoo, data_root=ctx.data_root)
     runs = [j for j in plan.run_jobs if states[j.id][0] != "done"]
     needed = {d for j in runs for d in j.deps}
-    zoos = [j for j in plan.zoo_jobs if j.id in needed]
+    zoos = [j for j in plan.zoo_jobs if j.id in needed and states[j.id][0] != "done"]
     return zoos + runs, states
 
 
@@ -157,7 +158,7 @@ class LocalLauncher:
         ctx = _with_plugins(ctx, self.plugins)
         import_plugins(ctx.plugins)
         save_plan(ctx.out, plan)
-        todo, states = _todo(plan, ctx)
+        todo, states = _todo(plan, ctx, check_zoo=self.jobs > 1)  # a worker started for a built zoo is wasted
         if self.jobs == 1:
             self._serial(plan, todo, ctx)
         else:
@@ -363,7 +364,7 @@ class SubmititLauncher:
     def _executor(self, ctx: JobContext, zoo: bool):
         import submitit
 
-        ex = submitit.AutoExecutor(folder=str(Path(ctx.out).resolve() / ".jobs" / "submitit" / "%j"), cluster=self.cluster)
+        ex = submitit.AutoExecutor(folder=str(Path(ctx.out).resolve() / ".jobs" / "submitit"), cluster=self.cluster)
         ex.update_parameters(name="dfml-zoo" if zoo else "dfml-run", **self.config.executor_parameters(zoo))
         return ex
 
