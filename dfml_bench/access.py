@@ -165,6 +165,8 @@ def format_outputs(logits: torch.Tensor, kind: str, k: int = 1):
 class BlackBoxAPI:
     """The interface of a black-box API, as a method sees it."""
 
+    __slots__ = ()  # handles have no __dict__: nothing can be hung on them or found in them
+
     info: APIInfo
 
     def query(self, images: torch.Tensor):  # pragma: no cover - interface
