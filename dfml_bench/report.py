@@ -1,0 +1,321 @@
+"""Reports of a run folder or a suite: significance-tested tables (markdown, plain text, CSV) and plots.
+
+``build_report`` turns validated records into one :class:`~dfml_bench.stats.ScenarioTable` per scenario
+and one :class:`~dfml_bench.stats.SuiteRanks` per (suite, scale); ``render_text`` prints them with
+tabulate; ``write_report`` writes ``report.md``, ``report.txt``, CSV files and the plots a person would
+look at: per-scenario bars with 95% CIs, the critical-difference diagram, and accuracy against queries
+used for scenarios of a suite that differ only in their query budget.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tabulate import tabulate
+
+from .stats import (EpisodeMismatchError, MethodRow, ScenarioTable, SuiteRanks, group_by_scenario, plot_cd,
+                    scenario_table, suite_ranks)
+from .validate import RecordSet
+
+TIED = "≈"  # marks a method not significantly worse than the best
+BUDGET_FREE_KEYS = ("name", "description", "budget_total", "budget_per_api", "method_params")
+
+
+@dataclass
+class Report:
+    tables: dict[tuple[str, str], list[ScenarioTable]] = field(default_factory=dict)
+    ranks: dict[tuple[str, str], SuiteRanks] = field(default_factory=dict)
+    refused: list[str] = field(default_factory=list)  # scenarios not compared, with why
+    records: RecordSet = field(default_factory=RecordSet)
+    alpha: float = 0.05
+    rule: str = "both"
+
+
+def build_report(records: RecordSet, *, alpha: float = 0.05, rule: str = "both", n_boot: int = 10_000,
+                 seed: int = 0) -> Report:
+    """Statistics of every scenario of every (suite, scale) in ``records.ok``. A scenario whose records
+    cannot be paired (different episode hashes) is refused: listed in ``refused`` with the reason."""
+    rep = Report(records=records, alpha=alpha, rule=rule)
+    for (suite, scale), scenarios in group_by_scenario(records.ok).items():
+        tables = []
+        for name, recs in sorted(scenarios.items()):
+            try:
+                tables.append(scenario_table(recs, alpha=alpha, rule=rule, n_boot=n_boot, seed=seed))
+            except EpisodeMismatchError as exc:
+                rep.refused.append(f"{suite}-{scale}/{name}: {exc}")
+        if tables:
+            rep.tables[(suite, scale)] = tables
+            rep.ranks[(suite, scale)] = suite_ranks(tables, alpha)
+    return rep
+
+
+# ------------------------------------------------------------------------------------------ formatting
+
+
+def first_line(text: str | None) -> str:
+    """The first non-empty line of an error message."""
+    return next((ln.strip() for ln in (text or "").splitlines() if ln.strip()), "")
+
+
+def pct(x: float | None, digits: int = 2) -> str:
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.{digits}f}"
+
+
+def pval(p: float | None) -> str:
+    if p is None or math.isnan(p):
+        return "—"
+    return "<1e-4" if p < 1e-4 else f"{p:.3g}"
+
+
+def method_cell(row: MethodRow, markdown: bool = True) -> str:
+    name = row.method
+    if row.not_data_free:
+        return f"{name} (not data-free, reference)"
+    if row.is_best:
+        return f"**{name}**" if markdown else f"{name} *"
+    return f"{name} {TIED}" if row.tied else name
+
+
+def queries_cell(row: MethodRow) -> str:
+    used = f"{row.queries:,.0f}"
+    return f"{used} / {row.budget:,}" if row.budget else used
+
+
+def domains_of(table: ScenarioTable) -> list[str]:
+    return sorted({d for r in table.rows for d in r.per_domain})
+
+
+def scenario_rows(table: ScenarioTable, markdown: bool = True) -> tuple[list[str], list[list[str]]]:
+    """Headers and rows of a scenario table: ranked methods (best first), then references."""
+    doms = domains_of(table)
+    headers = ["rank", "method", "accuracy % ± 95% CI", "Δ vs best [95% CI]", "p Wilcoxon / t (Holm)",
+               "seeds (std)", *[f"{d} %" for d in doms], "queries used", "wall s", "device"]
+    rows = []
+    for r in table.rows:
+        acc = f"{pct(r.mean)} ± {pct(r.ci95)}"
+        if r.is_best and markdown:
+            acc = f"**{acc}**"
+        if r.vs_best is not None:
+            t = r.vs_best
+            delta = f"{100 * t.mean_diff:+.2f} [{100 * t.ci_low:+.2f}, {100 * t.ci_high:+.2f}]"
+            ps = f"{pval(r.p_wilcoxon_holm)} / {pval(r.p_ttest_holm)}" + (" (uncorr.)" if r.not_data_free else "")
+        else:
+            delta, ps = ("best" if r.is_best else r.note or "—"), "—"
+        seeds = f"{len(r.seeds)}" + (f" ({pct(r.seed_std)})" if len(r.seeds) > 1 else "")
+        rank = "ref" if r.not_data_free else (f"{r.rank:g}" if r.rank is not None else "—")
+        rows.append([rank, method_cell(r, markdown), acc, delta, ps, seeds, *[pct(r.per_domain.get(d)) for d in doms],
+                     queries_cell(r), f"{r.wall_seconds:.1f}", r.device])
+    return headers, rows
+
+
+def ranks_rows(ranks: SuiteRanks, tables: list[ScenarioTable]) -> tuple[list[str], list[list[str]]]:
+    """Average rank per method (best first) over the scenarios where every listed method ran (the Friedman
+    block), with how many scenarios it ran in and in how many it is best or tied with the best. Methods
+    missing from some scenario (e.g. white-box-only methods in a mixed suite) follow, with their mean rank
+    over the scenarios they ran in, in parentheses: not comparable with the full-block ranks."""
+    pkg = {r.method: r.package for t in tables for r in t.rows}
+    wins: dict[str, int] = defaultdict(int)
+    ran: dict[str, list[float]] = defaultdict(list)
+    for t in tables:
+        for r in t.ranked:
+            wins[r.method] += int(r.tied)
+            ran[r.method].append(r.rank)
+    headers = ["avg rank", "method", "package", "scenarios run", "best or tied in"]
+    rows = [[f"{v:.2f}", m, pkg.get(m, ""), f"{len(ran[m])}/{len(tables)}", wins[m]]
+            for m, v in sorted(ranks.avg_ranks.items(), key=lambda kv: (kv[1], kv[0]))]
+    partial = sorted((sum(ran[m]) / len(ran[m]), m) for m in ranks.left_out if ran[m])
+    rows += [[f"({v:.2f})", m, pkg.get(m, ""), f"{len(ran[m])}/{len(tables)}", wins[m]] for v, m in partial]
+    return headers, rows
+
+
+def ranks_summary(ranks: SuiteRanks) -> str:
+    parts = []
+    if ranks.friedman_p is not None:
+        parts.append(f"Friedman χ² = {ranks.friedman_stat:.3f}, p = {pval(ranks.friedman_p)}")
+    if ranks.cd is not None:
+        parts.append(f"Nemenyi critical difference CD = {ranks.cd:.2f} (q = {ranks.q_alpha:.3f}, α = {ranks.alpha})")
+    if ranks.note:
+        parts.append(ranks.note)
+    return "; ".join(parts)
+
+
+def render_text(report: Report, tablefmt: str = "github") -> str:
+    """All tables as text: ``tablefmt`` "github" (markdown) or "simple" (plain)."""
+    md = tablefmt == "github"
+    out = []
+    for (suite, scale), tables in report.tables.items():
+        out.append(f"{'## ' if md else ''}{suite} ({scale} scale)\n")
+        for t in tables:
+            out.append(f"{'### ' if md else ''}{t.scenario}  (best: {t.best}; α = {t.alpha}, rule: {t.rule})\n")
+            h, rows = scenario_rows(t, markdown=md)
+            out.append(tabulate(rows, headers=h, tablefmt=tablefmt, disable_numparse=True) + "\n")
+        ranks = report.ranks[(suite, scale)]
+        if ranks.avg_ranks:
+            out.append(f"{'### ' if md else ''}average ranks over {len(tables)} scenario(s)\n")
+            h, rows = ranks_rows(ranks, tables)
+            out.append(tabulate(rows, headers=h, tablefmt=tablefmt, disable_numparse=True))
+            out.append(ranks_summary(ranks) + "\n")
+    if report.refused:
+        out.append(("## " if md else "") + "not compared\n")
+        out.extend(f"- {r}" for r in report.refused)
+    skipped = report.records.not_ok
+    if skipped:
+        out.append(("\n## " if md else "\n") + "runs not counted (failed or skipped)\n")
+        out.extend(f"- {r.key.suite}-{r.key.scale}/{r.key.scenario}/{r.key.method}/seed-{r.key.seed}: {r.status}: "
+                   f"{first_line(r.error)}" for r in skipped)
+    if report.records.invalid:
+        out.append(("\n## " if md else "\n") + "invalid records (rejected, not counted)\n")
+        out.extend(f"- {x.path}: {x.reason}" for x in report.records.invalid)
+    return "\n".join(out) if out else "no valid ok records"
+
+
+# ------------------------------------------------------------------------------------------ files
+
+
+CSV_FIELDS = ["suite", "scale", "scenario", "method", "rank", "best", "tied", "not_data_free", "mean", "ci95",
+              "seeds", "seed_std", "n_episodes", "diff_vs_best", "diff_ci_low", "diff_ci_high", "p_wilcoxon",
+              "p_ttest", "p_wilcoxon_holm", "p_ttest_holm", "p_improve", "queries", "budget", "wall_seconds",
+              "device", "package", "per_domain"]
+
+
+def csv_rows(table: ScenarioTable) -> list[dict]:
+    out = []
+    for r in table.rows:
+        t = r.vs_best
+        out.append({
+            "suite": table.suite, "scale": table.scale, "scenario": table.scenario, "method": r.method,
+            "rank": r.rank, "best": r.is_best, "tied": r.tied, "not_data_free": r.not_data_free, "mean": r.mean,
+            "ci95": r.ci95, "seeds": " ".join(map(str, r.seeds)), "seed_std": r.seed_std, "n_episodes": r.n_episodes,
+            "diff_vs_best": t.mean_diff if t else None, "diff_ci_low": t.ci_low if t else None,
+            "diff_ci_high": t.ci_high if t else None, "p_wilcoxon": t.p_wilcoxon if t else None,
+            "p_ttest": t.p_ttest if t else None, "p_wilcoxon_holm": r.p_wilcoxon_holm, "p_ttest_holm": r.p_ttest_holm,
+            "p_improve": t.p_improve if t else None, "queries": r.queries, "budget": r.budget,
+            "wall_seconds": r.wall_seconds, "device": r.device, "package": r.package,
+            "per_domain": json.dumps(r.per_domain) if r.per_domain else "",
+        })
+    return out
+
+
+def write_report(report: Report, out_dir: str | Path, plots: bool = True) -> list[Path]:
+    """Write report.md, report.txt, one CSV of scenario rows and one of average ranks per (suite, scale),
+    and the plots. Returns the paths written."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, fmt in (("report.md", "github"), ("report.txt", "simple")):
+        p = out / name
+        p.write_text(render_text(report, fmt) + "\n")
+        written.append(p)
+    for (suite, scale), tables in report.tables.items():
+        stem = f"{suite}-{scale}"
+        p = out / f"{stem}-scenarios.csv"
+        with p.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+            w.writeheader()
+            for t in tables:
+                w.writerows(csv_rows(t))
+        written.append(p)
+        ranks = report.ranks[(suite, scale)]
+        p = out / f"{stem}-ranks.csv"
+        with p.open("w", newline="") as f:
+            w = csv.writer(f)
+            h, rows = ranks_rows(ranks, tables)
+            w.writerow(h)
+            w.writerows(rows)
+        written.append(p)
+        if plots:
+            written.append(plot_bars(tables, out / f"{stem}-bars.png", f"{suite} ({scale})"))
+            if len(ranks.avg_ranks) >= 2:
+                written.append(plot_cd(ranks, out / f"{stem}-cd.png"))
+            for i, group in enumerate(budget_groups(tables)):
+                written.append(plot_budget(group, out / f"{stem}-budget-{i}.png"))
+    return written
+
+
+# ------------------------------------------------------------------------------------------ plots
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_bars(tables: list[ScenarioTable], path: str | Path, title: str = "") -> Path:
+    """One panel per scenario: mean accuracy with its 95% CI per method; the best dark, tied methods
+    mid-tone, significantly worse ones light, references hatched."""
+    plt = _plt()
+    n = len(tables)
+    cols = min(3, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for ax, t in zip(axes.flat, tables):
+        names = [r.method for r in t.rows]
+        means = [100 * r.mean for r in t.rows]
+        errs = [0 if math.isnan(r.ci95) else 100 * r.ci95 for r in t.rows]
+        colors = ["tab:blue" if r.is_best else "cornflowerblue" if r.tied and not r.not_data_free else "lightsteelblue"
+                  for r in t.rows]
+        bars = ax.bar(range(len(names)), means, yerr=errs, color=colors, capsize=3)
+        for b, r in zip(bars, t.rows):
+            if r.not_data_free:
+                b.set_hatch("//")
+                b.set_facecolor("white")
+                b.set_edgecolor("grey")
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("accuracy % (95% CI)")
+        ax.set_title(t.scenario, fontsize=9)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def budget_groups(tables: list[ScenarioTable]) -> list[list[ScenarioTable]]:
+    """Groups of scenarios that differ only in their query budget (at least two distinct budgets)."""
+    groups: dict[str, list[ScenarioTable]] = defaultdict(list)
+    for t in tables:
+        rest = {k: v for k, v in t.config.items() if k not in BUDGET_FREE_KEYS}
+        groups[json.dumps(rest, sort_keys=True, default=str)].append(t)
+    out = []
+    for g in groups.values():
+        budgets = {(t.config.get("budget_total"), t.config.get("budget_per_api")) for t in g}
+        if len(budgets) >= 2:
+            out.append(sorted(g, key=lambda t: (t.config.get("budget_total") or math.inf)))
+    return out
+
+
+def plot_budget(group: list[ScenarioTable], path: str | Path) -> Path:
+    """Accuracy (95% CI) against the queries each method used, one line per method across the budgets."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    methods = sorted({r.method for t in group for r in t.rows})
+    for m in methods:
+        pts = [(r.queries, 100 * r.mean, 0 if math.isnan(r.ci95) else 100 * r.ci95) for t in group for r in t.rows if r.method == m]
+        if not pts:
+            continue
+        xs, ys, es = zip(*sorted(pts))
+        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=m)
+    ax.set_xscale("symlog", linthresh=1)
+    ax.set_xlabel("queries used (images)")
+    ax.set_ylabel("accuracy % (95% CI)")
+    budgets = ", ".join(f"{t.scenario}: {t.config.get('budget_total')}" for t in group)
+    ax.set_title(f"accuracy vs queries ({budgets})", fontsize=8)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

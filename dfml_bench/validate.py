@@ -1,0 +1,219 @@
+"""Validation of result records before any table uses them.
+
+Every record file is checked: readable JSON, the schema version this code reads, required fields of the
+right types, a known status, and for ``ok`` records: a non-empty per-episode list of accuracies in
+[0, 1] that agrees with its own summary (``accuracy.mean`` within 1e-6, ``accuracy.n`` equal), the
+dataset / zoo / test-episode hashes present, and the file stored where its key says it belongs.
+A record that fails any check is *rejected with the reason*; it is listed, never silently dropped and
+never counted. ``failed`` and ``skipped`` records are valid but are kept apart (listed, not counted).
+
+Reported numbers from papers (``results/reported/*.json``) have their own schema, checked by
+:func:`load_reported`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .results import SCHEMA_VERSION, STATUSES, ResultRecord, iter_records
+
+MEAN_TOL = 1e-6
+REQUIRED_HASHES = ("dataset", "zoo", "test_episodes")
+KEY_FIELDS = {"suite": str, "scale": str, "scenario": str, "method": str, "seed": int}
+DICT_FIELDS = ("config", "versions", "hashes", "seeds", "accuracy", "per_domain", "queries", "timing", "resources",
+               "flags", "artifacts", "extra")
+
+
+class InvalidRecord(ValueError):
+    """A result record that must not be used, with the reason."""
+
+
+@dataclass
+class Rejected:
+    path: str
+    reason: str
+
+
+@dataclass
+class RecordSet:
+    """The records under a results root, sorted into usable, not-ok (failed / skipped) and rejected."""
+
+    ok: list[ResultRecord] = field(default_factory=list)
+    not_ok: list[ResultRecord] = field(default_factory=list)
+    invalid: list[Rejected] = field(default_factory=list)
+
+    def filter(self, suite: str | None = None, scale: str | None = None) -> "RecordSet":
+        def keep(r: ResultRecord) -> bool:
+            return (suite is None or r.key.suite == suite) and (scale is None or r.key.scale == scale)
+
+        return RecordSet([r for r in self.ok if keep(r)], [r for r in self.not_ok if keep(r)], list(self.invalid))
+
+
+def record_problems(d: Any) -> list[str]:
+    """Every problem found in a record's JSON dict (empty list: valid)."""
+    if not isinstance(d, dict):
+        return [f"a record must be a JSON object, got {type(d).__name__}"]
+    probs: list[str] = []
+    schema = d.get("schema")
+    if schema != SCHEMA_VERSION:
+        probs.append(f"schema version {schema!r}, this dfml-bench reads version {SCHEMA_VERSION}")
+    for k, t in KEY_FIELDS.items():
+        v = d.get(k)
+        if not isinstance(v, t) or isinstance(v, bool) or (t is str and not v):
+            probs.append(f"field {k!r} must be a non-empty {t.__name__}, got {v!r}")
+    status = d.get("status")
+    if status not in STATUSES:
+        probs.append(f"status {status!r} is not one of {STATUSES}")
+    for k in DICT_FIELDS:
+        if k in d and not isinstance(d[k], dict):
+            probs.append(f"field {k!r} must be an object, got {type(d[k]).__name__}")
+    if "per_episode" in d and not isinstance(d["per_episode"], list):
+        probs.append(f"field 'per_episode' must be a list, got {type(d['per_episode']).__name__}")
+    if probs or status != "ok":
+        if status in ("failed", "skipped") and not d.get("error"):
+            probs.append(f"a {status} record must say why in 'error'")
+        return probs
+    return probs + _ok_problems(d)
+
+
+def _ok_problems(d: dict) -> list[str]:
+    probs: list[str] = []
+    pe = d.get("per_episode") or []
+    if not pe:
+        return ["an ok record has no per-episode accuracies"]
+    if not all(isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a) and 0.0 <= a <= 1.0 for a in pe):
+        probs.append("per-episode accuracies must be finite numbers in [0, 1]")
+        return probs
+    acc = d.get("accuracy") or {}
+    mean, n = acc.get("mean"), acc.get("n")
+    actual = sum(pe) / len(pe)
+    if n != len(pe):
+        probs.append(f"summary says n = {n!r} episodes but the per-episode list has {len(pe)}")
+    if not isinstance(mean, (int, float)) or not math.isfinite(mean) or abs(mean - actual) > MEAN_TOL:
+        probs.append(f"summary mean {mean!r} disagrees with the mean of its per-episode list ({actual:.6f}); "
+                     "the record was edited or corrupted")
+    hashes = d.get("hashes") or {}
+    missing = [h for h in REQUIRED_HASHES if not isinstance(hashes.get(h), str) or not hashes.get(h)]
+    if missing:
+        probs.append(f"missing hashes {missing}: without them the episodes it was evaluated on cannot be checked")
+    if not isinstance((d.get("config") or {}).get("scenario"), dict):
+        probs.append("config.scenario is missing")
+    q = d.get("queries") or {}
+    if not isinstance(q.get("total", 0), int) or q.get("total", 0) < 0:
+        probs.append(f"queries.total must be a non-negative integer, got {q.get('total')!r}")
+    budget = q.get("total_budget")
+    if isinstance(budget, int) and isinstance(q.get("total"), int) and q["total"] > budget:
+        probs.append(f"queries used ({q['total']}) exceed the budget ({budget})")
+    return probs
+
+
+def validate_record_dict(d: Any) -> ResultRecord:
+    """The :class:`ResultRecord` of a valid dict; :class:`InvalidRecord` listing every problem otherwise."""
+    probs = record_problems(d)
+    if probs:
+        raise InvalidRecord("; ".join(probs))
+    try:
+        return ResultRecord.from_dict(d)
+    except TypeError as exc:  # unknown fields
+        raise InvalidRecord(f"unexpected fields: {exc}") from exc
+
+
+def validate_record(record: ResultRecord) -> None:
+    """Raise :class:`InvalidRecord` if an in-memory record would be rejected."""
+    validate_record_dict(record.to_dict())
+
+
+def validate_file(path: str | Path, root: str | Path | None = None) -> ResultRecord:
+    """Read and validate one record file; with ``root``, also check it lies where its key says."""
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidRecord(f"cannot read JSON: {exc}") from exc
+    rec = validate_record_dict(d)
+    if root is not None:
+        want = rec.key.path(root)
+        if path.resolve() != want.resolve():
+            raise InvalidRecord(f"file is at {path} but its key ({rec.key.suite}, {rec.key.scale}, {rec.key.scenario}, "
+                                f"{rec.key.method}, seed {rec.key.seed}) belongs at {want}")
+    return rec
+
+
+def load_records(root: str | Path, suite: str | None = None, scale: str | None = None) -> RecordSet:
+    """Validate every record under ``root`` (optionally of one suite / scale)."""
+    out = RecordSet()
+    root = Path(root)
+    if not root.exists():
+        return out
+    for p in iter_records(root):
+        if "reported" in p.relative_to(root).parts[:1]:
+            continue
+        try:
+            rec = validate_file(p, root)
+        except InvalidRecord as exc:
+            out.invalid.append(Rejected(str(p), str(exc)))
+            continue
+        if (suite is not None and rec.key.suite != suite) or (scale is not None and rec.key.scale != scale):
+            continue
+        (out.ok if rec.status == "ok" else out.not_ok).append(rec)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ reported numbers
+
+REPORTED_ENTRY = {"method": str, "dataset": str, "ways": int, "shots": int, "accuracy": (int, float), "source": str}
+
+
+@dataclass
+class Reported:
+    """One number a paper reported (never re-run here)."""
+
+    method: str
+    dataset: str
+    ways: int
+    shots: int
+    accuracy: float  # percent, as printed
+    source: str
+    paper: str = ""
+    venue: str = ""
+    setting: str = ""
+    backbone: str = ""
+    ci95: float | None = None
+    checked: str = ""  # how the number was read: "pdf", "aggregator page", ...
+    note: str = ""
+    file: str = ""
+
+
+def load_reported(root: str | Path) -> tuple[list[Reported], list[Rejected]]:
+    """Entries of ``root/reported/*.json`` (or ``root`` itself if it is that folder), with rejections."""
+    root = Path(root)
+    folder = root if root.name == "reported" else root / "reported"
+    entries: list[Reported] = []
+    bad: list[Rejected] = []
+    for p in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            d = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            bad.append(Rejected(str(p), f"cannot read JSON: {exc}"))
+            continue
+        if not isinstance(d, dict) or d.get("kind") != "reported" or d.get("schema") != 1:
+            bad.append(Rejected(str(p), "a reported-results file needs \"kind\": \"reported\" and \"schema\": 1"))
+            continue
+        common = {k: d.get(k, "") for k in ("paper", "venue")}
+        for i, e in enumerate(d.get("entries") or []):
+            probs = [f"{k!r} must be {t.__name__ if isinstance(t, type) else 'a number'}"
+                     for k, t in REPORTED_ENTRY.items() if not isinstance(e.get(k), t) or isinstance(e.get(k), bool)]
+            if not probs and not 0 <= e["accuracy"] <= 100:
+                probs.append(f"accuracy {e['accuracy']} is not a percentage")
+            if probs:
+                bad.append(Rejected(f"{p}#entries[{i}]", "; ".join(probs)))
+                continue
+            known = {k: v for k, v in {**common, **e}.items() if k in Reported.__dataclass_fields__}
+            entries.append(Reported(**{**known, "accuracy": float(e["accuracy"]), "file": p.name}))
+        if not d.get("entries"):
+            bad.append(Rejected(str(p), "no entries"))
+    return entries, bad
