@@ -46,7 +46,7 @@ def list_cmd(what: str) -> None:
             continue
         click.echo(f"{label}:")
         for name, e in sorted(load_group(group).items()):
-            pkg = f"{e.package} {e.version}" if e.package else "?"
+            pkg = f"{e.package} {e.version}" if e.package else "registered in-process"
             if e.error:
                 click.echo(f"  {name:24s} [{pkg}] BROKEN: {e.error}")
             else:
@@ -88,7 +88,6 @@ def run(suite_name, scale, methods, seeds, episodes, device, out, data_root, qui
     """Run a suite: every (scenario, method, seed) without a finished record; then print its table."""
     from .jobs import JobContext, format_plan, plan_states, plan_suite
     from .launchers import LocalLauncher, SlurmConfig, SubmititLauncher
-    from .leaderboard import render, load_ok_records
     from .runner import _validate_methods
     from .scenarios import get_suite
 
@@ -117,8 +116,11 @@ def run(suite_name, scale, methods, seeds, episodes, device, out, data_root, qui
             states = LocalLauncher(n_jobs, progress=not quiet, log=log).launch(plan, ctx)
     except (ValueError, RuntimeError) as exc:
         _fail(exc)
-    recs = [r for r in load_ok_records(out) if r.key.suite == suite.name and r.key.scale == scale]
-    click.echo(render(recs).split("\n", 1)[-1] if recs else "no finished records")
+    from .report import build_report, render_text
+    from .validate import load_records
+
+    recs = load_records(out, suite=suite.name, scale=scale)
+    click.echo(render_text(build_report(recs), "simple") if recs.ok else "no finished records")
     for j in plan.jobs:
         state, reason = states[j.id]
         if reason.startswith("skipped:"):
@@ -147,12 +149,102 @@ def status(run_dir, show_all) -> None:
 @main.command()
 @click.option("--results", type=click.Path(file_okay=False, path_type=Path), default=Path("results"), show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("leaderboard.md"), show_default=True)
-def leaderboard(results, out) -> None:
-    """Regenerate leaderboard.md from the result records."""
+@click.option("--bootstrap", "n_boot", type=click.IntRange(min=100), default=10_000, show_default=True,
+              help="paired-bootstrap resamples per comparison")
+def leaderboard(results, out, n_boot) -> None:
+    """Regenerate leaderboard.md from the result records (each validated first; rejected ones are listed)."""
     from .leaderboard import write_leaderboard
+    from .validate import load_records
 
-    path = write_leaderboard(results, out)
-    click.echo(f"wrote {path}")
+    path = write_leaderboard(results, out, n_boot=n_boot)
+    rs = load_records(results)
+    click.echo(f"wrote {path}: {len(rs.ok)} records counted, {len(rs.not_ok)} failed/skipped listed, "
+               f"{len(rs.invalid)} invalid rejected")
+    for bad in rs.invalid:
+        click.echo(f"  rejected {bad.path}: {bad.reason}", err=True)
+
+
+@main.command()
+@click.argument("run_dir", required=False, type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--suite", "suite_name", help="report only this suite (records under RUN_DIR, default results/)")
+@click.option("--scale", type=click.Choice(["cpu", "paper"]), help="report only this scale")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="folder for report.md, CSVs, plots (default RUN_DIR/report)")
+@click.option("--format", "fmt", type=click.Choice(["markdown", "plain"]), default="plain", show_default=True,
+              help="how the tables are printed")
+@click.option("--alpha", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.05, show_default=True)
+@click.option("--rule", type=click.Choice(["both", "wilcoxon", "ttest"]), default="both", show_default=True,
+              help="significantly worse than the best when both / one Holm-corrected test rejects")
+@click.option("--bootstrap", "n_boot", type=click.IntRange(min=100), default=10_000, show_default=True)
+@click.option("--no-plots", is_flag=True)
+def report(run_dir, suite_name, scale, out, fmt, alpha, rule, n_boot, no_plots) -> None:
+    """Significance-tested tables of a run folder (or of one suite): print them, write markdown, CSV and plots."""
+    from .report import build_report, render_text, write_report
+    from .validate import load_records
+
+    root = run_dir or Path("results")
+    if not root.exists():
+        _fail(FileNotFoundError(f"no results folder {root}; pass the --out folder of `dfml-bench run`"))
+    rs = load_records(root, suite=suite_name, scale=scale)
+    if not rs.ok and not rs.not_ok and not rs.invalid:
+        what = f" of suite {suite_name!r}" + (f" at scale {scale}" if scale else "") if suite_name else ""
+        _fail(ValueError(f"no result records{what} under {root}"))
+    rep = build_report(rs, alpha=alpha, rule=rule, n_boot=n_boot)
+    click.echo(render_text(rep, "github" if fmt == "markdown" else "simple"))
+    paths = write_report(rep, out or root / "report", plots=not no_plots)
+    click.echo(f"wrote {len(paths)} files to {paths[0].parent}", err=True)
+
+
+@main.command()
+@click.option("--suite", "suite_name", required=True, help="the leaderboard suite to submit to")
+@click.option("--method", "method_name", required=True, help="your method's entry-point name (see `dfml-bench list methods`)")
+@click.option("--scale", type=click.Choice(["cpu", "paper"]), default="cpu", show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("results"), show_default=True)
+@click.option("--data-root", type=click.Path(path_type=Path), help="root of real datasets (default $DFML_BENCH_DATA)")
+@click.option("--jobs", "n_jobs", type=click.IntRange(min=1), default=1, show_default=True, help="local worker processes")
+@click.option("--quiet", is_flag=True, help="no progress bars")
+def submit(suite_name, method_name, scale, device, out, data_root, n_jobs, quiet) -> None:
+    """Run METHOD on every scenario of SUITE with the seeds the leaderboard requires (the suite's
+    leaderboard_seeds, all test episodes) and write validated records ready for a pull request."""
+    from .jobs import JobContext, plan_suite
+    from .launchers import LocalLauncher
+    from .report import first_line
+    from .runner import _validate_methods
+    from .scenarios import get_suite
+    from .validate import InvalidRecord, validate_file
+
+    log = lambda m: click.echo(m, err=True)  # noqa: E731
+    try:
+        suite = get_suite(suite_name, scale)
+        _validate_methods([method_name])
+        plan = plan_suite(suite, [method_name], list(suite.leaderboard_seeds))
+        ctx = JobContext(out=str(out), device=device, episodes=None, data_root=str(data_root) if data_root else None)
+        LocalLauncher(n_jobs, progress=not quiet, log=log).launch(plan, ctx)
+    except (ValueError, RuntimeError) as exc:
+        _fail(exc)
+    files, problems = [], []
+    for j in plan.run_jobs:
+        path = j.key.path(out)
+        try:
+            rec = validate_file(path, out)
+        except (InvalidRecord, FileNotFoundError) as exc:
+            problems.append(f"{path}: {exc}")
+            continue
+        if rec.status == "failed":
+            problems.append(f"{path}: failed: {first_line(rec.error)}")
+        else:
+            files.append(path)
+            if rec.status == "skipped":
+                click.echo(f"skipped {j.scenario} (kept as a record): {first_line(rec.error)}", err=True)
+    for p in problems:
+        click.echo(f"NOT READY {p}", err=True)
+    if problems:
+        sys.exit(1)
+    click.echo(f"{len(files)} records ready for a pull request (seeds {list(suite.leaderboard_seeds)}). Commit them with:")
+    click.echo(f"  git add {' '.join(str(f) for f in files)}")
+    click.echo(f"  dfml-bench leaderboard --results {out} --out leaderboard.md && git add leaderboard.md")
+    click.echo(f"  git commit -m \"results: {method_name} on {suite.name} ({suite.scale})\"")
+    click.echo("and open a pull request (the template asks for the package, version and hardware).")
 
 
 @main.group()
