@@ -1,0 +1,259 @@
+"""The embedded ``glyphs`` dataset: size, split by script, determinism, de-duplication, hashing, cache."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dfml_bench.datasets import DatasetError, validate_split
+from dfml_bench.datasets import glyphs as G
+from dfml_bench.datasets.show import save_grid
+
+PER_CLASS = 3
+SUBSET = ("coptic", "hebrew", "lao")  # one small script in each split
+
+
+def script_of(name: str) -> str:
+    return name.split(":")[0]
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        path = tmp_path_factory.mktemp("glyphs_home")
+        mp.setenv("DFML_BENCH_HOME", str(path))
+        yield path
+
+
+@pytest.fixture(scope="module")
+def ds(home):
+    return G.GlyphsDataset(images_per_class=PER_CLASS).load(seed=0)
+
+
+def test_size_and_scripts(ds):
+    n_classes = len(ds.class_names)
+    scripts = {script_of(n) for n in ds.class_names}
+    assert n_classes >= 600
+    assert len(scripts) >= 12
+    assert scripts == set(G.SCRIPT_NAMES)
+    assert len(set(ds.class_names)) == n_classes
+    assert all(n.split(":")[1].startswith("U+") for n in ds.class_names)
+    assert ds.meta["duplicates_removed"] > 0
+    assert sum(ds.meta["classes_per_script"].values()) == n_classes
+
+
+def test_shapes_and_dtypes(ds):
+    n_classes = len(ds.class_names)
+    assert ds.images.dtype == torch.uint8
+    assert tuple(ds.images.shape) == (n_classes * PER_CLASS, 3, 32, 32)
+    assert ds.labels.dtype == torch.int64
+    assert torch.equal(torch.bincount(ds.labels, minlength=n_classes), torch.full((n_classes,), PER_CLASS))
+    # every image has a visible glyph: the two colours are far apart somewhere in the image
+    x = ds.images.float()
+    spread = (x.amax((2, 3)) - x.amin((2, 3))).amax(1)
+    assert bool((spread > 60).all())
+
+
+def test_split_by_script(ds):
+    validate_split(ds.splits)
+    all_ids = set(range(len(ds.class_names)))
+    assert set().union(*map(set, ds.splits.values())) == all_ids
+    scripts = {s: {script_of(ds.class_names[c]) for c in ids} for s, ids in ds.splits.items()}
+    for a, b in itertools.combinations(scripts, 2):
+        assert not scripts[a] & scripts[b], f"script in both meta-{a} and meta-{b}"
+    assert {s: set(v) for s, v in G.SCRIPT_SPLITS.items()} == scripts
+    frac = {s: len(v) / len(all_ids) for s, v in ds.splits.items()}
+    assert abs(frac["train"] - 0.64) < 0.04 and abs(frac["val"] - 0.16) < 0.04 and abs(frac["test"] - 0.20) < 0.04
+
+
+def test_normalisation_from_meta_train(ds):
+    train = torch.isin(ds.labels, torch.tensor(ds.splits["train"]))
+    x = ds.images[train].double() / 255
+    assert torch.allclose(torch.tensor(ds.mean, dtype=torch.float64), x.mean((0, 2, 3)), atol=1e-5)
+    assert torch.allclose(torch.tensor(ds.std, dtype=torch.float64), x.std((0, 2, 3), unbiased=False), atol=1e-5)
+
+
+def test_every_class_in_enough_fonts(ds):
+    cat = G.build_catalogue()
+    by_name = {c.name: c for c in cat.classes}
+    for name in ds.class_names:
+        cls = by_name[name]
+        assert len(cls.fonts) >= G.MIN_FONTS
+        assert all(cls.codepoint in cat.fonts[k].cmap for k in cls.fonts)  # no tofu: the font has the glyph
+
+
+def test_no_near_duplicates(ds):
+    cat = G.build_catalogue()
+    assert [c.name for c in cat.classes] == ds.class_names  # full dataset keeps catalogue order
+    # recompute canonical masks independently of the catalogue's cache
+    font = G._pil_font(next(f.path for f in cat.fonts if f.name == G.CANONICAL_FONT), 4 * G.CANONICAL_SIZE)
+    masks = torch.stack(
+        [torch.from_numpy(G.render_fit(font, c.char, G.CANONICAL_SIZE, G.CANONICAL_BOX).copy()) for c in cat.classes]
+    )
+    assert torch.equal(masks, cat.canonical)
+    flat = masks.reshape(len(masks), -1).long()
+    d = G.mask_distances(flat, flat)
+    d.fill_diagonal_(float("inf"))
+    assert float(d.min()) > G.DUPLICATE_THRESHOLD
+    names = set(ds.class_names)
+    # Latin A / Greek Alpha / Cyrillic A are one class (kept in Latin, the first script)
+    assert "latin:U+0041" in names and "greek:U+0391" not in names and "cyrillic:U+0410" not in names
+    assert not {"latin:U+006F", "latin:U+004F"} <= names  # o and O differ only by size
+    assert cat.removed["cyrillic:U+0410"] == "latin:U+0041"
+
+
+def test_mask_distance_is_jaccard_on_binary():
+    a = torch.zeros(1, 16, dtype=torch.long)
+    b = torch.zeros(1, 16, dtype=torch.long)
+    a[0, :8] = 255
+    b[0, 4:12] = 255
+    assert float(G.mask_distances(a, b)) == pytest.approx(1 - 4 / 12)
+    assert float(G.mask_distances(a, a)) == 0.0
+
+
+def test_deterministic_and_seed_dependent(ds):
+    builder = G.GlyphsDataset(images_per_class=PER_CLASS, scripts=SUBSET)
+    a = builder.generate(seed=0)
+    b = builder.generate(seed=0)
+    c = builder.generate(seed=1)
+    assert torch.equal(a.images, b.images) and a.hash == b.hash
+    assert a.hash != c.hash and not torch.equal(a.images, c.images)
+    assert a.class_names == c.class_names  # the class set does not depend on the seed
+    # a class's images do not depend on which other scripts are built
+    for name in ("hebrew:U+05D0", "lao:U+0E81"):
+        i, j = a.class_names.index(name), ds.class_names.index(name)
+        assert torch.equal(a.images[a.labels == i], ds.images[ds.labels == j])
+
+
+def test_styles_are_different(ds):
+    out = G.GlyphsDataset(images_per_class=PER_CLASS, scripts=SUBSET, style="outline").generate(seed=0)
+    plain = G.GlyphsDataset(images_per_class=PER_CLASS, scripts=SUBSET).generate(seed=0)
+    assert out.name == "glyphs-outline" and plain.name == "glyphs"
+    assert out.class_names == plain.class_names and out.hash != plain.hash
+    assert (out.images.float() - plain.images.float()).abs().mean() > 20
+
+
+def test_hash_covers_font_hashes(home, monkeypatch):
+    builder = G.GlyphsDataset(images_per_class=PER_CLASS, scripts=SUBSET)
+    before = builder.load(seed=0)
+    real = G.font_sha256
+
+    def fake(path):
+        return "0" * 64 if str(path).endswith("DejaVuSans-Bold.ttf") else real(path)
+
+    monkeypatch.setattr(G, "font_sha256", fake)
+    after = builder.load(seed=0)
+    assert after.meta["font_sha256"]["DejaVuSans-Bold.ttf"] == "0" * 64
+    assert torch.equal(before.images, after.images)  # same pixels ...
+    assert before.hash != after.hash  # ... but a different font file means a different dataset
+    assert builder.cache_path(before.meta["recipe_hash"]) != builder.cache_path(after.meta["recipe_hash"])
+
+
+def test_recipe_covers_parameters_and_seed():
+    fonts = G.discover_fonts()
+    base = G.GlyphsDataset(scripts=SUBSET)
+    h0 = G.sha256_json(base.recipe(0, fonts))
+    others = [
+        base.recipe(1, fonts),
+        G.GlyphsDataset(scripts=SUBSET, images_per_class=61).recipe(0, fonts),
+        G.GlyphsDataset(scripts=SUBSET, size=28).recipe(0, fonts),
+        G.GlyphsDataset(scripts=SUBSET, style="textured").recipe(0, fonts),
+        G.GlyphsDataset(scripts=SUBSET + ("greek",)).recipe(0, fonts),
+        G.GlyphsDataset(scripts=SUBSET, name="glyphs-x").recipe(0, fonts),
+    ]
+    assert len({h0, *(G.sha256_json(r) for r in others)}) == len(others) + 1
+    assert base.recipe(0, fonts)["generator"] == G.GENERATOR_VERSION
+
+
+def test_cache_reuse_and_corruption(home, monkeypatch):
+    builder = G.GlyphsDataset(images_per_class=2, scripts=SUBSET)
+    first = builder.load(seed=3)
+    path = builder.cache_path(first.meta["recipe_hash"])
+    assert path.exists() and path.parent == home / "datasets"
+
+    calls = []
+    real_generate = G.GlyphsDataset.generate
+
+    def counting(self, **kw):
+        calls.append(kw)
+        return real_generate(self, **kw)
+
+    monkeypatch.setattr(G.GlyphsDataset, "generate", counting)
+    again = builder.load(seed=3)
+    assert calls == [] and again.hash == first.hash and torch.equal(again.images, first.images)
+
+    # a truncated file is detected and regenerated
+    path.write_bytes(path.read_bytes()[:1000])
+    fixed = builder.load(seed=3)
+    assert len(calls) == 1 and fixed.hash == first.hash and torch.equal(fixed.images, first.images)
+    # a file whose images were altered (still a valid torch file) fails its content hash
+    obj = torch.load(path, weights_only=True)
+    obj["images"][0, 0, 0, 0] ^= 1
+    torch.save(obj, path)
+    fixed = builder.load(seed=3)
+    assert len(calls) == 2 and torch.equal(fixed.images, first.images)
+    assert torch.equal(torch.load(path, weights_only=True)["images"], first.images)  # rewritten
+
+
+def test_validation_errors():
+    bad = [
+        dict(images_per_class=0),
+        dict(images_per_class=2.5),
+        dict(size="32"),
+        dict(style="neon"),
+        dict(scripts=("klingon",)),
+        dict(scripts="latin"),
+        dict(scripts=()),
+        dict(scripts=("latin",)),  # meta-val and meta-test would be empty
+        dict(script_splits={"train": ("latin",), "val": ("latin",), "test": ("greek",)}),
+        dict(name=""),
+    ]
+    for kw in bad:
+        with pytest.raises(DatasetError):
+            G.GlyphsDataset(**kw)
+    with pytest.raises(DatasetError, match="scale"):
+        G.GlyphsDataset(scripts=SUBSET).load(scale="gpu")
+
+
+def test_script_groups_are_disjoint_and_valid():
+    a, b = (set(v) for v in G.SCRIPT_GROUPS.values())
+    assert not a & b and a | b == set(G.SCRIPT_NAMES)
+    for group in G.SCRIPT_GROUPS.values():
+        builder = G.GlyphsDataset(scripts=group)  # raises if a split would be empty
+        assert all(builder.script_splits[s] for s in ("train", "val", "test"))
+
+
+def test_custom_script_splits():
+    builder = G.GlyphsDataset(
+        images_per_class=2, scripts=SUBSET, script_splits={"train": ("hebrew",), "val": ("lao",), "test": ("coptic",)}
+    )
+    d = builder.generate(seed=0)
+    assert {script_of(d.class_names[c]) for c in d.splits["test"]} == {"coptic"}
+
+
+def test_registered_entry_point():
+    from dfml_bench.registry import load_group
+
+    entry = load_group("dfml_bench.datasets").get("glyphs")
+    if entry is None:
+        pytest.skip("dfml-bench is not installed, so its entry points are not visible")
+    assert entry.error is None and entry.obj is G.GlyphsDataset and G.GlyphsDataset().name == "glyphs"
+
+
+def test_save_grid(ds, tmp_path):
+    path = save_grid(ds, tmp_path / "grid.png", classes_per_split=4, per_class=5, seed=1)
+    assert path.exists() and path.stat().st_size > 1000
+    with Image.open(path) as im:
+        w, h = im.size
+        assert im.format == "PNG" and im.mode == "RGB"
+        px = torch.from_numpy(np.asarray(im).copy()).float()
+    tile = 64  # 32-pixel images are drawn at zoom 2
+    assert h == 26 + 3 * 22 + 3 * 4 * (tile + 2) + 2
+    assert w > 5 * (tile + 2)
+    assert px.std() > 10  # not a blank canvas
+    with pytest.raises(DatasetError):
+        save_grid(ds, tmp_path / "bad.png", per_class=0)
