@@ -138,9 +138,18 @@ def validate_file(path: str | Path, root: str | Path | None = None) -> ResultRec
     if root is not None:
         want = rec.key.path(root)
         if path.resolve() != want.resolve():
-            raise InvalidRecord(f"file is at {path} but its key ({rec.key.suite}, {rec.key.scale}, {rec.key.scenario}, "
-                                f"{rec.key.method}, seed {rec.key.seed}) belongs at {want}")
+            raise InvalidRecord(f"its key ({rec.key.suite}, {rec.key.scale}, {rec.key.scenario}, {rec.key.method}, seed "
+                                f"{rec.key.seed}) belongs at {_show(want, root)}, not here (moved or copied by hand?)")
     return rec
+
+
+def _show(path: Path, root: str | Path) -> str:
+    """``path`` as ``<root name>/<relative path>`` so pages carry no machine-specific prefixes."""
+    root = Path(root)
+    try:
+        return str(Path(root.resolve().name) / Path(path).resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(path)
 
 
 def load_records(root: str | Path, suite: str | None = None, scale: str | None = None) -> RecordSet:
@@ -155,7 +164,7 @@ def load_records(root: str | Path, suite: str | None = None, scale: str | None =
         try:
             rec = validate_file(p, root)
         except InvalidRecord as exc:
-            out.invalid.append(Rejected(str(p), str(exc)))
+            out.invalid.append(Rejected(_show(p, root), str(exc)))
             continue
         if (suite is not None and rec.key.suite != suite) or (scale is not None and rec.key.scale != scale):
             continue
@@ -198,10 +207,10 @@ def load_reported(root: str | Path) -> tuple[list[Reported], list[Rejected]]:
         try:
             d = json.loads(p.read_text())
         except (OSError, json.JSONDecodeError) as exc:
-            bad.append(Rejected(str(p), f"cannot read JSON: {exc}"))
+            bad.append(Rejected(_show(p, folder.parent), f"cannot read JSON: {exc}"))
             continue
         if not isinstance(d, dict) or d.get("kind") != "reported" or d.get("schema") != 1:
-            bad.append(Rejected(str(p), "a reported-results file needs \"kind\": \"reported\" and \"schema\": 1"))
+            bad.append(Rejected(_show(p, folder.parent), "a reported-results file needs \"kind\": \"reported\" and \"schema\": 1"))
             continue
         common = {k: d.get(k, "") for k in ("paper", "venue")}
         for i, e in enumerate(d.get("entries") or []):
@@ -210,10 +219,10 @@ def load_reported(root: str | Path) -> tuple[list[Reported], list[Rejected]]:
             if not probs and not 0 <= e["accuracy"] <= 100:
                 probs.append(f"accuracy {e['accuracy']} is not a percentage")
             if probs:
-                bad.append(Rejected(f"{p}#entries[{i}]", "; ".join(probs)))
+                bad.append(Rejected(f"{_show(p, folder.parent)}#entries[{i}]", "; ".join(probs)))
                 continue
             known = {k: v for k, v in {**common, **e}.items() if k in Reported.__dataclass_fields__}
             entries.append(Reported(**{**known, "accuracy": float(e["accuracy"]), "file": p.name}))
         if not d.get("entries"):
-            bad.append(Rejected(str(p), "no entries"))
+            bad.append(Rejected(_show(p, folder.parent), "no entries"))
     return entries, bad
