@@ -208,6 +208,7 @@ def submit(suite_name, method_name, scale, device, out, data_root, n_jobs, quiet
     leaderboard_seeds, all test episodes) and write validated records ready for a pull request."""
     from .jobs import JobContext, plan_suite
     from .launchers import LocalLauncher
+    from .methods import get_method
     from .report import first_line
     from .runner import _validate_methods
     from .scenarios import get_suite
@@ -217,6 +218,7 @@ def submit(suite_name, method_name, scale, device, out, data_root, n_jobs, quiet
     try:
         suite = get_suite(suite_name, scale)
         _validate_methods([method_name])
+        get_method(method_name)  # a plugin that fails to import (or is not a Method) stops here, with its error
         plan = plan_suite(suite, [method_name], list(suite.leaderboard_seeds))
         ctx = JobContext(out=str(out), device=device, episodes=None, data_root=str(data_root) if data_root else None)
         LocalLauncher(n_jobs, progress=not quiet, log=log).launch(plan, ctx)
