@@ -235,7 +235,7 @@ def job_state(out: str | Path, job: Job, *, check_zoo: bool = False, data_root: 
             except Exception as exc:
                 return "pending", f"cannot check zoo: {exc}"
         if st and st["state"] == "done":
-            return "done", f"built on {st.get('host')}"
+            return "done", st.get("note") or f"built on {st.get('host')}"
     if st is None:
         return "pending", "not started"
     if st["state"] == "running":
@@ -252,7 +252,16 @@ def job_state(out: str | Path, job: Job, *, check_zoo: bool = False, data_root: 
 
 def plan_states(out: str | Path, plan: Plan, *, check_zoo: bool = False, data_root: str | None = None) -> dict[str, tuple[str, str]]:
     """State and reason of every job of ``plan``; pending jobs whose dependencies are not done say so."""
-    states = {j.id: job_state(out, j, check_zoo=check_zoo, data_root=data_root) for j in plan.jobs}
+    states = {j.id: job_state(out, j, check_zoo=check_zoo, data_root=data_root) for j in plan.run_jobs}
+    for j in plan.zoo_jobs:
+        users = [r for r in plan.run_jobs if j.id in r.deps]
+        states[j.id] = job_state(out, j, check_zoo=False)
+        if states[j.id][0] != "done":
+            if users and all(states[r.id][0] == "done" for r in users):
+                states[j.id] = ("done", "not needed: every job that uses this zoo is done")
+            elif check_zoo:
+                states[j.id] = job_state(out, j, check_zoo=True, data_root=data_root)
+    states = {j.id: states[j.id] for j in plan.jobs}
     for j in plan.jobs:
         if states[j.id][0] == "pending":
             waiting = [d for d in j.deps if states.get(d, ("pending",))[0] != "done"]

@@ -28,7 +28,7 @@ from multiprocessing.connection import wait as mp_wait
 from pathlib import Path
 from typing import Any, Callable
 
-from .jobs import Job, JobContext, Plan, import_plugins, plan_states, save_plan, write_status
+from .jobs import Job, JobContext, Plan, import_plugins, plan_states, read_status, save_plan, write_status
 from .results import is_finished
 
 Log = Callable[[str], None]
@@ -103,6 +103,9 @@ def _todo(plan: Plan, ctx: JobContext, check_zoo: bool = False) -> tuple[list[Jo
     runs = [j for j in plan.run_jobs if states[j.id][0] != "done"]
     needed = {d for j in runs for d in j.deps}
     zoos = [j for j in plan.zoo_jobs if j.id in needed and states[j.id][0] != "done"]
+    for j in plan.zoo_jobs:
+        if j.id in needed and states[j.id][0] == "done" and (read_status(ctx.out, j.id) or {}).get("state") != "done":
+            write_status(ctx.out, j, "done", note=states[j.id][1])  # found built in the cache
     return zoos + runs, states
 
 
