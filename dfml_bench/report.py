@@ -148,6 +148,11 @@ def render_text(report: Report, tablefmt: str = "github") -> str:
     """All tables as text: ``tablefmt`` "github" (markdown) or "simple" (plain)."""
     md = tablefmt == "github"
     out = []
+    if report.tables:
+        best = "**bold**" if md else "*"
+        out.append(f"{best}: best data-free method; {TIED}: not significantly worse than the best (paired tests on the "
+                   f"shared episodes, Holm-corrected, rule '{report.rule}', α = {report.alpha}); rank 'ref': not data-free, "
+                   "not ranked.\n")
     for (suite, scale), tables in report.tables.items():
         out.append(f"{'## ' if md else ''}{suite} ({scale} scale)\n")
         for t in tables:
