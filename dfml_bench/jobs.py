@@ -267,7 +267,9 @@ def plan_states(out: str | Path, plan: Plan, *, check_zoo: bool = False, data_ro
             waiting = [d for d in j.deps if states.get(d, ("pending",))[0] != "done"]
             if waiting:
                 failed = [d for d in waiting if states.get(d, ("",))[0] == "failed"]
-                states[j.id] = ("pending", ("blocked: dependency failed: " if failed else "waiting for ") + ", ".join(failed or waiting))
+                why = ("blocked: dependency failed: " if failed else "waiting for ") + ", ".join(failed or waiting)
+                before = states[j.id][1]
+                states[j.id] = ("pending", why if before in ("", "not started") else f"{before}; {why}")
     return states
 
 

@@ -216,3 +216,36 @@ def test_cli_run_jobs_then_status(tmp_path):
     assert r.exit_code == 0 and "all 3 jobs done" in r.output, r.output
     r = CliRunner().invoke(main, ["run", *args[1:], "--plan"])
     assert "3 done" in r.output
+
+
+def test_slurm_submission_zoo_first_then_arrays_afterok(tmp_path, monkeypatch):
+    """The Slurm code path with a fake ``sbatch`` on PATH: one zoo job, then the run jobs as an array
+    whose sbatch script carries ``--dependency=afterok:<zoo job id>`` and the configured resources."""
+    pytest.importorskip("submitit")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    counter = tmp_path / "count"
+    (bin_dir / "sbatch").write_text(
+        "#!/bin/sh\nn=$(cat %s 2>/dev/null || echo 100)\nn=$((n+1))\necho $n > %s\necho \"$@\" >> %s\n"
+        "echo \"Submitted batch job $n\"\n" % (counter, counter, tmp_path / "calls"))
+    (bin_dir / "sbatch").chmod(0o755)
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")  # submitit only checks that srun exists
+    (bin_dir / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    out = tmp_path / "out"
+    plan = plan_suite(get_suite("toy"), ["random"], [0, 1])
+    cfg = SlurmConfig(partition="gpu", gpus_per_job=1, cpus_per_job=4, time_min=30, account="lab")
+    launcher = SubmititLauncher(cfg, cluster="slurm", wait=False)
+    states = launcher.launch(plan, _ctx(out))
+    zoo_id = launcher.submitted[plan.zoo_jobs[0].id].job_id
+    assert zoo_id == "101"
+    scripts = sorted((out / ".jobs" / "submitit").glob("*submission.sh"))
+    run_script = next(s.read_text() for s in scripts if "--array" in s.read_text())
+    assert f"--dependency=afterok:{zoo_id}" in run_script
+    assert "--array=0-3" in run_script and "--partition=gpu" in run_script and "--gpus-per-node=1" in run_script
+    assert "--cpus-per-task=4" in run_script and "--time=30" in run_script and "--account=lab" in run_script
+    zoo_script = next(s.read_text() for s in scripts if "--array" not in s.read_text())
+    assert "--dependency" not in zoo_script
+    # nothing ran: every job is pending, the run jobs say which Slurm job they are
+    assert all(s == "pending" for s, _ in states.values())
+    assert "submitted as slurm job 102_0" in states[plan.run_jobs[0].id][1]
