@@ -57,9 +57,10 @@ def build_report(records: RecordSet, *, alpha: float = 0.05, rule: str = "both",
 # ------------------------------------------------------------------------------------------ formatting
 
 
-def first_line(text: str | None) -> str:
-    """The first non-empty line of an error message."""
-    return next((ln.strip() for ln in (text or "").splitlines() if ln.strip()), "")
+def first_line(text: str | None, limit: int = 200) -> str:
+    """An error message on one line (whitespace collapsed), cut at ``limit`` characters."""
+    flat = " ".join((text or "").split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
 def pct(x: float | None, digits: int = 2) -> str:
@@ -274,6 +275,10 @@ def plot_bars(tables: list[ScenarioTable], path: str | Path, title: str = "") ->
                 b.set_hatch("//")
                 b.set_facecolor("white")
                 b.set_edgecolor("grey")
+        lo = min(m - e for m, e in zip(means, errs))
+        hi = max(m + e for m, e in zip(means, errs))
+        pad = max(1.0, 0.15 * (hi - lo))
+        ax.set_ylim(max(0.0, lo - pad), min(100.0, hi + pad))  # zoomed: differences of a point must be visible
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
         ax.set_ylabel("accuracy % (95% CI)")
         ax.set_title(t.scenario, fontsize=9)
@@ -307,17 +312,23 @@ def plot_budget(group: list[ScenarioTable], path: str | Path) -> Path:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
     methods = sorted({r.method for t in group for r in t.rows})
-    for m in methods:
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, m in enumerate(methods):
         pts = [(r.queries, 100 * r.mean, 0 if math.isnan(r.ci95) else 100 * r.ci95) for t in group for r in t.rows if r.method == m]
         if not pts:
             continue
+        c = colors[i % len(colors)]
+        if all(x == 0 for x, _, _ in pts):  # a method that sends no query: a horizontal reference line
+            mean = sum(y for _, y, _ in pts) / len(pts)
+            ax.axhline(mean, color=c, ls="--", lw=1, label=f"{m} (no queries)")
+            continue
         xs, ys, es = zip(*sorted(pts))
-        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=m)
-    ax.set_xscale("symlog", linthresh=1)
-    ax.set_xlabel("queries used (images)")
+        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=m, color=c)
+    ax.set_xscale("log")
+    ax.set_xlabel("queries used (images, log scale)")
     ax.set_ylabel("accuracy % (95% CI)")
-    budgets = ", ".join(f"{t.scenario}: {t.config.get('budget_total')}" for t in group)
-    ax.set_title(f"accuracy vs queries ({budgets})", fontsize=8)
+    budgets = sorted(t.config.get("budget_total") or 0 for t in group)
+    ax.set_title(f"accuracy vs queries used ({len(group)} budgets, {budgets[0]:,} to {budgets[-1]:,} images)", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     path = Path(path)

@@ -444,10 +444,12 @@ def plot_cd(ranks: SuiteRanks, path: str | Path, title: str = "") -> Path:
     items = sorted(ranks.avg_ranks.items(), key=lambda kv: kv[1])
     k = max(len(items), 2)
     lo, hi = 1, k
-    height = 1.6 + 0.3 * len(items)
+    cliques = cd_cliques(ranks.avg_ranks, ranks.cd) if ranks.cd is not None else []
+    top = 0.15 + 0.1 * len(cliques)  # the clique bars sit between the axis and the labels
+    height = 1.6 + 0.3 * len(items) + 0.3 * len(cliques)
     fig, ax = plt.subplots(figsize=(7, height))
     ax.set_xlim(lo - 0.3, hi + 0.3)
-    ax.set_ylim(-0.35 * (len(items) + 2), 1.2)
+    ax.set_ylim(-top - 0.35 * ((len(items) + 1) // 2 + 1), 1.2)
     ax.axis("off")
     ax.hlines(0, lo, hi, color="k", lw=1)
     for t in range(lo, hi + 1):
@@ -456,17 +458,17 @@ def plot_cd(ranks: SuiteRanks, path: str | Path, title: str = "") -> Path:
     half = (len(items) + 1) // 2
     for i, (m, r) in enumerate(items):
         left = i < half
-        y = -0.35 * ((i if left else len(items) - 1 - i) + 1)
+        y = -top - 0.35 * (i if left else len(items) - 1 - i) - 0.1
         xe = lo - 0.2 if left else hi + 0.2
         ax.plot([r, r, xe], [0, y, y], color="k", lw=0.8)
         ax.text(xe, y, f"{m} ({r:.2f})", ha="right" if left else "left", va="center", fontsize=9)
     if ranks.cd is not None:
         ax.plot([lo, lo + ranks.cd], [0.8, 0.8], color="k", lw=2)
         ax.text(lo + ranks.cd / 2, 0.88, f"CD = {ranks.cd:.2f}", ha="center", va="bottom", fontsize=9)
-        for i, group in enumerate(cd_cliques(ranks.avg_ranks, ranks.cd)):
+        for i, group in enumerate(cliques):
             rs = [ranks.avg_ranks[m] for m in group]
-            y = -0.12 - 0.08 * i
-            ax.plot([min(rs) - 0.03, max(rs) + 0.03], [y, y], color="tab:red", lw=3)
+            y = -0.12 - 0.1 * i
+            ax.plot([min(rs) - 0.03, max(rs) + 0.03], [y, y], color="tab:red", lw=2.5, solid_capstyle="round")
     fp = "n/a" if ranks.friedman_p is None else f"{ranks.friedman_p:.3g}"
     ax.set_title(title or f"average ranks over {len(ranks.scenarios)} scenario(s); Friedman p = {fp}", fontsize=10)
     fig.tight_layout()
