@@ -294,3 +294,6 @@ def _validate_methods(methods: list[str]) -> None:
     unknown = [m for m in methods if m not in reg]
     if unknown:
         raise MethodError(f"unknown method(s) {unknown}; registered methods: {', '.join(sorted(reg))}")
+    for m in methods:
+        if reg[m].error is not None:
+            raise MethodError(f"method plugin {m!r} ({reg[m].value}) failed to import: {reg[m].error}; fix or uninstall it")
