@@ -144,7 +144,8 @@ def test_cli_plan_prints_jobs_and_runs_nothing(tmp_path):
     out = tmp_path / "res"
     r = CliRunner().invoke(main, ["run", "--suite", "toy", "--methods", "random", "--seeds", "0,1", "--out", str(out), "--plan"])
     assert r.exit_code == 0, r.output
-    assert "5 jobs" in r.output and "4 pending" in r.output and "run/toy-cpu/bb/random/seed-1" in r.output
+    assert "5 jobs" in r.output and "run/toy-cpu/bb/random/seed-1" in r.output
+    assert sum(1 for line in r.output.splitlines() if line.startswith("run/") and " pending " in line) == 4
     assert "zoo/toy-" in r.output  # the zoo job, done or not depending on the session's cache
     assert not out.exists() or not any(out.rglob("seed-*.json"))
 
