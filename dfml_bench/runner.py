@@ -129,7 +129,8 @@ def run_one(suite: Suite, scenario: Scenario, method_name: str, seed: int, opts:
     record.versions = package_versions()
     record.resources = {"device": str(device), "host": socket.gethostname(), "platform": platform.platform(),
                         "torch_threads": torch.get_num_threads(),
-                        "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+                        "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+                        "pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID")}  # which worker ran it
     record.seeds = {"run": seed, "dataset": scenario.dataset_seed, "zoo": scenario.zoo.seed}
 
     def stage(text: str) -> None:
