@@ -46,6 +46,7 @@ from .real import (
     assign_splits,
     discover,
     expected_counts,
+    quiet_codecs,
     split_of_key,
     standard_split,
 )
@@ -228,7 +229,7 @@ def _write_items(tmp: Path, items: Iterable[Item], progress: bool, desc: str) ->
         path.write_bytes(it.data())
 
     if not isinstance(items, list):  # a stream (a tar read once, in order): written as it comes
-        with tqdm(desc=desc, disable=not progress, leave=False, unit="img") as bar:
+        with quiet_codecs(), tqdm(desc=desc, disable=not progress, leave=False, unit="img") as bar:
             for it in items:
                 (tmp / SPLIT_DIRS[it.split] / it.cls).mkdir(parents=True, exist_ok=True)
                 write(it)
@@ -237,7 +238,7 @@ def _write_items(tmp: Path, items: Iterable[Item], progress: bool, desc: str) ->
         return counts
     for cls_dir in {(it.split, it.cls) for it in items}:
         (tmp / SPLIT_DIRS[cls_dir[0]] / cls_dir[1]).mkdir(parents=True, exist_ok=True)
-    with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool, \
+    with quiet_codecs(), ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool, \
             tqdm(total=len(items), desc=desc, disable=not progress, leave=False) as bar:
         for it, _ in zip(items, pool.map(write, items, chunksize=64)):
             counts[(it.split, it.cls)] += 1
@@ -398,7 +399,7 @@ def check(name: str, data_root: str | os.PathLike | None = None, *, decode: bool
             except Exception as exc:  # noqa: BLE001 - reported per file
                 unreadable.append(f"unreadable image {r.path}: {type(exc).__name__}")
 
-        with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool, \
+        with quiet_codecs(), ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool, \
                 tqdm(total=len(layout.records), desc=f"{name}: checking files", disable=not progress, leave=False) as bar:
             for _ in pool.map(probe, layout.records, chunksize=64):
                 bar.update(1)

@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import re
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -315,6 +316,25 @@ def allow_subset_default() -> bool:
     return os.environ.get(ALLOW_SUBSET_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
+# torchvision 0.29 deprecates its image codecs in favour of torchcodec (not in the pinned stack); the
+# warning would be repeated for every one of 60k files.
+_CODEC_DEPRECATION = "The image decoding and encoding capabilities of TorchVision are deprecated"
+
+
+class quiet_codecs:
+    """Context manager that silences torchvision's codec deprecation warning (and nothing else). Enter it
+    in the main thread around a thread pool: the filter is process-wide while it is active."""
+
+    def __enter__(self):
+        self._ctx = warnings.catch_warnings()
+        self._ctx.__enter__()
+        warnings.filterwarnings("ignore", message=_CODEC_DEPRECATION, category=DeprecationWarning)
+        return self
+
+    def __exit__(self, *exc):
+        return self._ctx.__exit__(*exc)
+
+
 def decode_one(path: Path, size: int | None) -> torch.Tensor:
     """Decode one image file to uint8 RGB ``[3, size, size]`` (torchvision.io; antialiased resize)."""
     from torchvision.io import ImageReadMode, decode_image, read_file
@@ -342,7 +362,7 @@ def decode_all(files: list[Path], size: int, *, progress: bool = True, desc: str
             errors.append(f"{files[i]}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
 
     workers = workers or max(1, min(8, os.cpu_count() or 1))
-    with ThreadPoolExecutor(workers) as pool, tqdm(total=len(files), desc=desc, disable=not progress, leave=False) as bar:
+    with quiet_codecs(), ThreadPoolExecutor(workers) as pool, tqdm(total=len(files), desc=desc, disable=not progress, leave=False) as bar:
         for _ in pool.map(work, range(len(files)), chunksize=64):
             bar.update(1)
     return out, sorted(errors)
