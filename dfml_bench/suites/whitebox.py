@@ -1,0 +1,103 @@
+"""The white-box suites: FREE's three scenarios (free-tgr.md 2.1) at ``cpu`` and ``paper`` scale.
+
+- ``whitebox-homo``: a homogeneous Conv4 zoo on one dataset (FREE ``mr.sh``).
+- ``whitebox-hetero``: a zoo mixing Conv4, ResNet-10 and ResNet-18 (FREE ``ma.sh``); ``average`` is not
+  run (it needs one architecture).
+- ``whitebox-multidomain``: a Conv4 zoo over the multi-domain dataset (FREE ``md.sh``): ``glyphs-multidomain``
+  at cpu scale, ``multidomain`` (CIFAR-FS + miniImageNet + CUB) at paper scale; results per domain.
+
+``cpu``: the embedded glyph datasets, small zoos, 5-way 1-shot, 600 frozen test episodes; each suite is
+sized to finish in well under 15 minutes on 2 cores with its default methods, zoo included.
+``paper``: the literature's sizes (100 models per architecture / domain, 5-way 1-shot, Conv4-32
+meta-learner, 600 test episodes, 10 test-time SGD steps at lr 0.01).
+"""
+
+from __future__ import annotations
+
+from ..backbones import BackboneSpec
+from ..episodes import EpisodeSpec
+from ..scenarios import Scenario, Suite, SuiteError
+from ..zoo import TrainRecipe, ZooSpec
+from . import common
+
+CONV4 = common.CONV4
+EPISODES_1SHOT = EpisodeSpec(ways=5, shots=1, queries=15, n_episodes=600)
+CPU_METHODS = ["random", "average", "oracle", "free"]
+# CPU zoo recipe for every architecture: a few Adam epochs on the model's 5 glyph classes.
+CPU_RECIPE = getattr(common, "CPU_CONV4", TrainRecipe(epochs=12, optimizer="adam", lr=0.005, batch_size=50))
+# CPU-scale ResNets are narrow (width 16: stages 16-32-64-128) so that a zoo trains in minutes on 2 cores.
+CPU_RESNET10, CPU_RESNET18 = BackboneSpec("resnet10", 16), BackboneSpec("resnet18", 16)
+PAPER_RESNET10, PAPER_RESNET18 = BackboneSpec("resnet10", 64), BackboneSpec("resnet18", 64)
+
+
+def _paper_recipes() -> tuple[tuple[str, TrainRecipe], ...]:
+    return (("conv4", common.PAPER_CONV4), ("resnet10", common.PAPER_RESNET), ("resnet18", common.PAPER_RESNET))
+
+
+def _check_scale(name: str, scale: str) -> None:
+    if scale not in ("cpu", "paper"):
+        raise SuiteError(f"suite {name!r}: unknown scale {scale!r}; choose 'cpu' or 'paper'")
+
+
+def _homo(scale: str) -> Suite:
+    _check_scale("whitebox-homo", scale)
+    if scale == "cpu":
+        zoo = ZooSpec(dataset="glyphs", n_models=20, ways=5, backbones=(CONV4,), recipes=(("*", CPU_RECIPE),), seed=0)
+        scenarios = [Scenario(name="glyphs-conv4-5w1s", dataset="glyphs", zoo=zoo, access="whitebox", episodes=EPISODES_1SHOT,
+                              description="white-box, 20 Conv4 glyph models (5 classes each), 5-way 1-shot")]
+    else:
+        scenarios = []
+        for ds in ("cifar-fs", "mini-imagenet", "cub"):
+            zoo = ZooSpec(dataset=ds, n_models=100, ways=5, backbones=(CONV4,), recipes=_paper_recipes(), seed=0)
+            for shots in (1, 5):
+                scenarios.append(Scenario(
+                    name=f"{ds}-conv4-5w{shots}s", dataset=ds, zoo=zoo, access="whitebox",
+                    episodes=EpisodeSpec(ways=5, shots=shots, queries=15, n_episodes=600),
+                    description=f"white-box, 100 Conv4 {ds} models, 5-way {shots}-shot (FREE mr.sh)"))
+    return Suite(name="whitebox-homo", scale=scale, scenarios=scenarios, methods=list(CPU_METHODS), seeds=[0],
+                 leaderboard_seeds=[0, 1, 2],
+                 description="White-box DFML with a homogeneous Conv4 zoo (FREE's main results setting).")
+
+
+def _hetero(scale: str) -> Suite:
+    _check_scale("whitebox-hetero", scale)
+    if scale == "cpu":
+        zoo = ZooSpec(dataset="glyphs", n_models=12, ways=5, backbones=(CONV4, CPU_RESNET10, CPU_RESNET18),
+                      recipes=(("*", CPU_RECIPE),), seed=0)
+        name, ds, desc = "glyphs-mixarch-5w1s", "glyphs", "white-box, 12 glyph models: 4 each of Conv4, ResNet-10, ResNet-18 (width 16)"
+    else:
+        zoo = ZooSpec(dataset="cifar-fs", n_models=300, ways=5, backbones=(CONV4, PAPER_RESNET10, PAPER_RESNET18),
+                      recipes=_paper_recipes(), seed=0)
+        name, ds, desc = "cifar-fs-mixarch-5w1s", "cifar-fs", "white-box, 300 CIFAR-FS models: 100 each of Conv4, ResNet-10, ResNet-18 (FREE ma.sh)"
+    return Suite(name="whitebox-hetero", scale=scale,
+                 scenarios=[Scenario(name=name, dataset=ds, zoo=zoo, access="whitebox", episodes=EPISODES_1SHOT, description=desc)],
+                 methods=["random", "oracle", "free"], seeds=[0], leaderboard_seeds=[0, 1, 2],
+                 description="White-box DFML with a multi-architecture zoo (average is not defined across architectures).")
+
+
+def _multidomain_available(name: str) -> bool:
+    from ..datasets import dataset_names
+
+    return name in dataset_names()
+
+
+def _multidomain(scale: str) -> Suite:
+    _check_scale("whitebox-multidomain", scale)
+    ds = "glyphs-multidomain" if scale == "cpu" else "multidomain"
+    if not _multidomain_available(ds):
+        raise SuiteError(f"suite 'whitebox-multidomain' at {scale} scale needs the dataset {ds!r}, which is not registered "
+                         f"(entry-point group dfml_bench.datasets); install a dfml-bench version that provides it")
+    if scale == "cpu":
+        zoo = ZooSpec(dataset=ds, n_models=20, ways=5, backbones=(CONV4,), recipes=(("*", CPU_RECIPE),), seed=0)
+        desc = "white-box, 20 Conv4 models over the glyph domains, 5-way 1-shot, reported per domain"
+    else:
+        zoo = ZooSpec(dataset=ds, n_models=300, ways=5, backbones=(CONV4,), recipes=_paper_recipes(), seed=0)
+        desc = "white-box, 300 Conv4 models over CIFAR-FS + miniImageNet + CUB (FREE md.sh), reported per domain"
+    return Suite(name="whitebox-multidomain", scale=scale,
+                 scenarios=[Scenario(name=f"{ds}-conv4-5w1s", dataset=ds, zoo=zoo, access="whitebox", episodes=EPISODES_1SHOT,
+                                     description=desc)],
+                 methods=list(CPU_METHODS), seeds=[0], leaderboard_seeds=[0, 1, 2],
+                 description="White-box DFML with a multi-domain zoo, accuracy per domain.")
+
+
+SUITES = {"whitebox-homo": _homo, "whitebox-hetero": _hetero, "whitebox-multidomain": _multidomain}
