@@ -28,7 +28,8 @@ def sha256_tensor(t: torch.Tensor) -> str:
     """Hash of a tensor's dtype, shape and contents (CPU, contiguous)."""
     t = t.detach().cpu().contiguous()
     h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
-    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    if t.numel():
+        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))  # no copy of large tensors
     return h.hexdigest()
 
 
@@ -40,12 +41,19 @@ def sha256_json(obj: Any) -> str:
     return sha256_bytes(canonical_json(obj).encode())
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never a part."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; caches and records may be shared
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
