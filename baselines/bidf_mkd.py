@@ -39,7 +39,8 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1
     mean, i.e. ``mean_{b,c} p_t (log p_t - p_s)``.
     """
     if faithful_bug:
-        return F.kl_div(student.softmax(1), teacher.softmax(1), reduction="mean")
+        p_t = teacher.softmax(1)  # = F.kl_div(p_s, p_t, reduction="mean"), without its deprecation warning
+        return (torch.xlogy(p_t, p_t) - p_t * student.softmax(1)).mean()
     t = float(temperature)
     return F.kl_div(F.log_softmax(student / t, 1), F.softmax(teacher / t, 1), reduction="batchmean") * t * t
 
@@ -126,12 +127,14 @@ class Recovered:
 
 
 def recover(api, *, ways: int, per_class: int, iterations: int, q: int, mu: float, lr: float, rng: torch.Generator,
-            device, image_shape, student=None, adv: float = 0.0, zo: bool = True, nz: int = 256, ngf: int = 64) -> Recovered:
+            device, image_shape, student=None, adv: float = 0.0, zo: bool = True, nz: int = 256, ngf: int = 64,
+            augment_images: bool = True) -> Recovered:
     """One synthesis call (spec 2.4/2.5): a freshly reset generator and fresh latents, optimised jointly
     with Adam through the ZO estimate of the per-sample black-box loss on augmented images.
 
     ``student(x) -> logits`` enables the boundary term. ``zo=False`` (ablation) returns the untrained
-    generator's images. Keeps the iterate with the lowest mean clean loss (the reference keeps the
+    generator's images. ``augment_images``: the reference's batch-level pad-4 crop and flip before each
+    query (on by default). Keeps the iterate with the lowest mean clean loss (the reference keeps the
     lowest *surrogate*, which is not a loss, D4). A :class:`BudgetExhausted` ends the call early with
     the best iterate so far (re-raised if there is none).
     """
@@ -148,7 +151,7 @@ def recover(api, *, ways: int, per_class: int, iterations: int, q: int, mu: floa
     kind = api.info.output_kind
     for _ in range(iterations):
         X = gen(z)
-        x = augment(X, rng)
+        x = augment(X, rng) if augment_images else X
         s = None
         if student is not None and adv > 0:
             with torch.no_grad():
@@ -201,12 +204,12 @@ _SCALE_DEFAULTS = {
     "paper": dict(per_class=30, q=100, mu=0.005, gen_iterations=200, gen_lr=1e-3, max_visits=300, meta_iterations=60000,
                   meta_batch=4, inner_steps=5, kd_inner_steps=10, inner_lr=0.01, outer_lr=1e-3, visit_trigger="plateau",
                   generate_interval=200, visit_every=200, boundary_start=4000, val_every=500, val_episodes=100,
-                  min_gen_iterations=20, min_q=10),
+                  min_gen_iterations=20, min_q=10, ngf=64),
     # 2 CPU cores, a suite in minutes: small sets, few directions and iterations, visits on a schedule
     "cpu": dict(per_class=5, q=8, mu=0.005, gen_iterations=20, gen_lr=0.01, max_visits=9, meta_iterations=120,
                 meta_batch=4, inner_steps=5, kd_inner_steps=10, inner_lr=0.01, outer_lr=1e-3, visit_trigger="schedule",
                 generate_interval=200, visit_every=None, boundary_start=0, val_every=30, val_episodes=60,
-                min_gen_iterations=5, min_q=2),
+                min_gen_iterations=5, min_q=2, ngf=32),
 }
 
 
@@ -244,6 +247,8 @@ class BiDfMKD(Method):
       constant, so CE, KL and the argmax mask are unchanged; the L1 boundary distance then compares
       log-probabilities) and ``topk`` (missing mass spread evenly, an approximation). ``label`` is not
       supported: a hard label is piecewise constant, so ZO finite differences vanish almost everywhere.
+    - ``cpu`` scale uses a half-width generator (ngf 32): at 32 px with few directions its forward and
+      backward cost more than the (q + 1) API queries.
     - The head bias of the meta-learner starts at 0 (as ``random`` and the authors' TDRM code).
     """
 
@@ -258,6 +263,7 @@ class BiDfMKD(Method):
     mu: float | None = None  # smoothing radius, [0, 1] pixel units
     gen_iterations: int | None = None  # generator steps per synthesis call (reference 200)
     gen_lr: float | None = None  # Adam lr for generator and latents (reference 1e-3)
+    ngf: int | None = None  # generator width (reference 64; cpu 32: the generator, not the API, dominates a cpu ZO step)
     min_gen_iterations: int | None = None  # budget planning floors
     min_q: int | None = None
     max_visits: int | None = None  # API visits wanted (the budget may allow fewer)
@@ -443,7 +449,7 @@ class BiDfMKD(Method):
                 raise BudgetExhausted(f"API {api_idx}: {left} queries left, too few for a visit", requested=recovery_cost(batch, q, 1),
                                       used=0, budget=int(left), scope=f"api:{api_idx}")
         common = dict(ways=k, per_class=per_class, iterations=iters, q=q, mu=hp["mu"], lr=hp["gen_lr"], rng=rng, device=device,
-                      image_shape=image_shape, zo=self.use_zo_recovery)
+                      image_shape=image_shape, zo=self.use_zo_recovery, ngf=hp["ngf"])
         info = {"api": api_idx, "arch_classes": list(api.info.classes), "iteration": it}
         sup = recover(_CountingAPI(api, counts, "support"), **common)
         memory.add(sup.images, sup.labels, api.info.classes, source=api_idx)
