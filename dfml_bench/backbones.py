@@ -93,7 +93,11 @@ class _Backbone(nn.Module):
 
 
 class ConvBlock(nn.Module):
-    """CloserLook ConvBlock: conv3x3 (pad 1, with bias) -> BatchNorm -> ReLU -> maxpool 2."""
+    """CloserLook ConvBlock: conv3x3 (pad 1, with bias) -> BatchNorm -> ReLU -> maxpool 2.
+
+    Computed as maxpool then ReLU: the two commute exactly (ReLU is monotone), values and gradients
+    alike, and ReLU then runs on a 4x smaller tensor.
+    """
 
     def __init__(self, cin: int, cout: int, track_running_stats: bool) -> None:
         super().__init__()
@@ -101,7 +105,7 @@ class ConvBlock(nn.Module):
         self.bn = _bn(cout, track_running_stats)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.max_pool2d(F.relu(self.bn(self.conv(x))), 2)
+        return F.relu(F.max_pool2d(self.bn(self.conv(x)), 2))
 
 
 class Conv4(_Backbone):
