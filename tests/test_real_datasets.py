@@ -319,3 +319,95 @@ def test_cli_check_and_prepare(tmp_path):
     assert "ready at" in res.output
     res = runner.invoke(cli, ["data", "check", "cifar-fs", "--data-root", str(tmp_path), "--quiet"])
     assert res.exit_code == 1 and "train 7/64" in res.output
+
+
+# ------------------------------------------------------------------------------- paper-scale suites
+
+
+def test_paper_zoo_specs_follow_the_reference_protocol():
+    from dfml_bench.suites.common import paper_recipe, paper_zoo
+
+    z = paper_zoo("cifar-fs")
+    assert z.n_models == 100 and z.ways == 5 and z.backbones[0].arch == "conv4" and z.backbones[0].width == 32
+    r = z.recipe_for("conv4")
+    assert (r.optimizer, r.lr, r.epochs, r.batch_size, r.holdout, r.augment) == ("adam", 0.01, 60, 128, 0.2, "none")
+    mixed = paper_zoo("mini-imagenet", ("conv4", "resnet10", "resnet18"))
+    assert mixed.n_models == 300 and [mixed.backbone_for(i).arch for i in range(3)] == ["conv4", "resnet10", "resnet18"]
+    rn = mixed.recipe_for("resnet18")
+    assert (rn.optimizer, rn.lr, rn.momentum, rn.weight_decay, rn.milestones, rn.gamma) == ("sgd", 0.01, 0.9, 5e-4, (30, 50, 80), 0.2)
+    assert paper_recipe("conv4", "cub").epochs == 100 and paper_recipe("resnet10", "cub").epochs == 100
+    assert paper_zoo("multidomain").n_models == 300  # 100 per (domain, architecture)
+
+
+def _smoke_fixture(root: Path) -> None:
+    fx.split_folder_layout(root, "cifar-fs", "cifar-fs", {"train": 8, "val": 5, "test": 5}, 20, (32, 32))
+
+
+def test_a_run_on_missing_data_stops_before_any_work(tmp_path):
+    res = CliRunner().invoke(cli, ["run", "--suite", "smoke", "--scale", "paper", "--data-root", str(tmp_path / "none"),
+                                   "--out", str(tmp_path / "res"), "--quiet"])
+    assert res.exit_code != 0 and "cifar-fs: no dataset found under data root" in res.output
+    assert "dfml-bench data prepare cifar-fs" in res.output
+    assert not list((tmp_path / "res").rglob("seed-*.json")) and not list(Path(os.environ["DFML_BENCH_HOME"]).glob("zoos/cifar-fs-*/*.pt"))
+
+
+def test_paper_smoke_on_a_cifar_fs_fixture(tmp_path, monkeypatch):
+    """The paper smoke suite's white-box scenario on a CIFAR-FS fixture, shrunk (2 models, 1 epoch, 3
+    episodes) to stay fast; the full suite through the CLI is the slow test below."""
+    from dataclasses import replace
+
+    from dfml_bench.runner import RunOptions, run_suite
+    from dfml_bench.scenarios import Suite, get_suite
+
+    _smoke_fixture(tmp_path)
+    monkeypatch.setenv(real.ALLOW_SUBSET_ENV, "1")
+    paper = get_suite("smoke", "paper")
+    assert {s.dataset for s in paper.scenarios} == {"cifar-fs"} and paper.scenarios[0].zoo.recipe_for("conv4").lr == 0.01
+    sc = paper.scenarios[0]
+    recipe = replace(sc.zoo.recipe_for("conv4"), epochs=1)
+    sc = replace(sc, zoo=replace(sc.zoo, n_models=2, recipes=(("*", recipe),)), val_episodes=3)
+    suite = Suite(name="smoke-mini", scale="paper", scenarios=[sc], methods=["random"])
+    (rec,) = run_suite(suite, None, None, RunOptions(out=tmp_path / "res", episodes=3, data_root=str(tmp_path), progress=False))
+    assert rec.status == "ok", rec.error
+    assert len(rec.per_episode) == 3 and rec.hashes["dataset"] == load_cifar(tmp_path).hash
+
+
+def load_cifar(root: Path):
+    return CifarFS(allow_subset=True, progress=False).load(data_root=str(root))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dataset", ["mini-imagenet", "cub"])
+def test_paper_smoke_scenarios_on_84px_fixtures(tmp_path, monkeypatch, dataset):
+    """The paper smoke scenarios with the dataset swapped for an 84x84 one (Mini from CSVs, CUB as distributed)."""
+    from dataclasses import replace
+
+    from dfml_bench.runner import RunOptions, run_suite
+    from dfml_bench.scenarios import Suite, get_suite
+
+    counts = {"train": 6, "val": 5, "test": 5}
+    if dataset == "mini-imagenet":
+        fx.mini_ravi_layout(tmp_path, counts, 17, size=84)
+    else:
+        fx.cub_distributed(tmp_path, counts, 17, size=(90, 110))
+    monkeypatch.setenv(real.ALLOW_SUBSET_ENV, "1")
+    base = get_suite("smoke", "paper")
+    scen = [replace(s, name=s.name.replace("cifarfs", dataset), dataset=dataset, zoo=replace(s.zoo, dataset=dataset, n_models=2))
+            for s in base.scenarios]
+    suite = Suite(name="smoke-84", scale="paper", scenarios=scen, methods=["random", "average"])
+    recs = run_suite(suite, None, None, RunOptions(out=tmp_path / "res", episodes=3, data_root=str(tmp_path), progress=False))
+    # wb/random, wb/average, bb/random ok; average needs white-box access, so it is skipped on the black-box scenario
+    assert [r.status for r in recs] == ["ok", "ok", "ok", "skipped"], [r.error for r in recs]
+
+
+@pytest.mark.slow
+def test_cli_paper_smoke_end_to_end_on_fixtures(tmp_path, monkeypatch):
+    """The exact command of the issue: `dfml-bench run --suite smoke --scale paper --data-root FIXTURES --episodes 20`."""
+    _smoke_fixture(tmp_path)
+    monkeypatch.setenv(real.ALLOW_SUBSET_ENV, "1")
+    res = CliRunner().invoke(cli, ["run", "--suite", "smoke", "--scale", "paper", "--data-root", str(tmp_path), "--episodes", "20",
+                                   "--out", str(tmp_path / "res"), "--quiet"])
+    assert res.exit_code == 0, res.output
+    recs = [json.loads(p.read_text()) for p in (tmp_path / "res").rglob("seed-0.json")]
+    assert sorted(r["status"] for r in recs) == ["ok"] * 5 + ["skipped"]  # average is white-box only
+    assert all(len(r["per_episode"]) == 20 for r in recs if r["status"] == "ok")

@@ -40,7 +40,7 @@ def _smoke_paper() -> Suite:
     zoo = ZooSpec(dataset="cifar-fs", n_models=6, ways=5, backbones=(CONV4,),
                   recipes=(("*", replace(paper_recipe("conv4", "cifar-fs"), epochs=10)),), seed=0)
     episodes = EpisodeSpec(ways=5, shots=1, queries=15, n_episodes=600)
-    oracle = {"oracle": {"iterations": 100, "val_every": 50, "val_episodes": 20}}
+    oracle = {"oracle": {"iterations": 40, "val_every": 20, "val_episodes": 20}}
     return Suite(
         name="smoke",
         scale="paper",
