@@ -201,7 +201,7 @@ def toy_world():
 
 def _cfg(**kw):
     cfg = FREE(**kw).config("cpu")
-    cfg.update(nz=32, ngf=16, per_class=4)
+    cfg.update(nz=32, ngf=8, per_class=2)
     return cfg
 
 
@@ -219,7 +219,7 @@ def _mean_loss_after_k(gen: Generator, teacher, cfg, k_seeds, weights) -> float:
 def test_meta_generator_adapts_faster_than_a_fresh_generator(toy_world):
     _ds, wb, _ = toy_world
     train, unseen = wb[:4], wb[4]
-    cfg = _cfg(meta_gen_lr=1e-2)
+    cfg = _cfg(meta_gen_lr=2e-2)
     w = LossWeights()
     g = torch.Generator().manual_seed(0)
     meta = Generator(nz=cfg["nz"], ngf=cfg["ngf"], img_size=16, channels=3)
@@ -228,13 +228,13 @@ def test_meta_generator_adapts_faster_than_a_fresh_generator(toy_world):
     reset_generator(fresh, torch.Generator().manual_seed(0))  # same initialisation as the meta-generator before training
     opt = torch.optim.Adam(meta.parameters(), lr=cfg["meta_gen_lr"], betas=(0.5, 0.999))
     y = target_labels(5, cfg["per_class"])
-    for it in range(60):
+    for it in range(24):
         states = []
         for t in train[it % 2 * 2: it % 2 * 2 + 2]:
             _x, _s, fast = recover_meta(meta, None, t.model, y, w, cfg, g)
             states.append(fast)
         meta_generator_update(meta, None, opt, states, "reptile")
-    seeds = range(100, 106)
+    seeds = range(100, 104)
     loss_meta = _mean_loss_after_k(meta, unseen.model, cfg, seeds, w)
     loss_fresh = _mean_loss_after_k(fresh, unseen.model, cfg, seeds, w)
     assert loss_meta < 0.8 * loss_fresh, (loss_meta, loss_fresh)
@@ -242,7 +242,7 @@ def test_meta_generator_adapts_faster_than_a_fresh_generator(toy_world):
 
 def test_free_fit_stores_every_models_batch_and_selects_on_val(toy_world):
     _ds, wb, make_ctx = toy_world
-    kw = dict(epochs=2, warmup=1, per_class=4, nz=32, ngf=16, val_every=1, val_episodes=5, max_replay_batches=2,
+    kw = dict(epochs=2, warmup=1, per_class=4, nz=32, ngf=8, val_every=1, val_episodes=5, max_replay_batches=2,
               episode_batch=2, teachers_per_epoch=3)
     m = FREE(**kw)
     model = m.fit(make_ctx())
@@ -262,7 +262,7 @@ def test_free_fit_stores_every_models_batch_and_selects_on_val(toy_world):
 
 def test_free_components_can_be_switched_off(toy_world, tmp_path):
     _ds, _wb, make_ctx = toy_world
-    m = FREE(epochs=1, warmup=1, per_class=4, nz=32, ngf=16, val_every=1, val_episodes=5, align=False, replay=False,
+    m = FREE(epochs=1, warmup=1, per_class=4, nz=32, ngf=8, val_every=1, val_episodes=5, align=False, replay=False,
              w_adv=0.0, meta_gen_update="fomaml", w_bn=1.0)
     m.fit(make_ctx())
     assert m.report_["replay_batches_per_epoch"] == 0 and m.report_["align_seconds_total"] == 0
@@ -275,10 +275,10 @@ def test_free_components_can_be_switched_off(toy_world, tmp_path):
 def test_scratch_inversion_recovers_what_the_teacher_recognises(toy_world):
     _ds, wb, make_ctx = toy_world
     r = invert_from_scratch(wb[0].model, 5, 4, image_shape=(3, 16, 16), generator=torch.Generator().manual_seed(0),
-                            iterations=40, lr=1e-2, z_lr=1e-2, nz=32, ngf=16)
+                            iterations=40, lr=1e-2, z_lr=1e-2, nz=32, ngf=8)
     assert r.images.shape == (20, 3, 16, 16) and r.images.min() >= 0 and r.images.max() <= 1
     assert r.teacher_acc >= 0.8 and r.final_loss <= min(r.history) + 1e-9
-    m = ScratchInversion(epochs=1, per_class=4, nz=32, ngf=16, scratch_iterations=5, val_every=1, val_episodes=5,
+    m = ScratchInversion(epochs=1, per_class=4, nz=32, ngf=8, scratch_iterations=5, val_every=1, val_episodes=5,
                          teachers_per_epoch=2)
     m.fit(make_ctx("inversion"))
     assert m.report_["recovery"] == "scratch" and m.report_["tasks_recovered"] == 2

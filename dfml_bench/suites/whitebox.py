@@ -30,8 +30,15 @@ CPU_RESNET10, CPU_RESNET18 = BackboneSpec("resnet10", 16), BackboneSpec("resnet1
 PAPER_RESNET10, PAPER_RESNET18 = BackboneSpec("resnet10", 64), BackboneSpec("resnet18", 64)
 
 
-def _paper_recipes() -> tuple[tuple[str, TrainRecipe], ...]:
-    return (("conv4", common.PAPER_CONV4), ("resnet10", common.PAPER_RESNET), ("resnet18", common.PAPER_RESNET))
+def _paper_zoo(dataset: str, archs: tuple[str, ...]) -> ZooSpec:
+    """The reference zoo (100 models per architecture and domain, reference recipes) from
+    :func:`common.paper_zoo`; a local equivalent if that helper is absent."""
+    if hasattr(common, "paper_zoo"):
+        return common.paper_zoo(dataset, archs)
+    bb = {"conv4": CONV4, "resnet10": PAPER_RESNET10, "resnet18": PAPER_RESNET18}
+    n = 100 * len(archs) * (3 if dataset == "multidomain" else 1)
+    recipes = tuple((a, common.PAPER_CONV4 if a == "conv4" else common.PAPER_RESNET) for a in archs)
+    return ZooSpec(dataset=dataset, n_models=n, ways=5, backbones=tuple(bb[a] for a in archs), recipes=recipes, seed=0)
 
 
 def _check_scale(name: str, scale: str) -> None:
@@ -48,7 +55,7 @@ def _homo(scale: str) -> Suite:
     else:
         scenarios = []
         for ds in ("cifar-fs", "mini-imagenet", "cub"):
-            zoo = ZooSpec(dataset=ds, n_models=100, ways=5, backbones=(CONV4,), recipes=_paper_recipes(), seed=0)
+            zoo = _paper_zoo(ds, ("conv4",))
             for shots in (1, 5):
                 scenarios.append(Scenario(
                     name=f"{ds}-conv4-5w{shots}s", dataset=ds, zoo=zoo, access="whitebox",
@@ -66,8 +73,7 @@ def _hetero(scale: str) -> Suite:
                       recipes=(("*", CPU_RECIPE),), seed=0)
         name, ds, desc = "glyphs-mixarch-5w1s", "glyphs", "white-box, 12 glyph models: 4 each of Conv4, ResNet-10, ResNet-18 (width 16)"
     else:
-        zoo = ZooSpec(dataset="cifar-fs", n_models=300, ways=5, backbones=(CONV4, PAPER_RESNET10, PAPER_RESNET18),
-                      recipes=_paper_recipes(), seed=0)
+        zoo = _paper_zoo("cifar-fs", ("conv4", "resnet10", "resnet18"))
         name, ds, desc = "cifar-fs-mixarch-5w1s", "cifar-fs", "white-box, 300 CIFAR-FS models: 100 each of Conv4, ResNet-10, ResNet-18 (FREE ma.sh)"
     return Suite(name="whitebox-hetero", scale=scale,
                  scenarios=[Scenario(name=name, dataset=ds, zoo=zoo, access="whitebox", episodes=EPISODES_1SHOT, description=desc)],
@@ -91,7 +97,7 @@ def _multidomain(scale: str) -> Suite:
         zoo = ZooSpec(dataset=ds, n_models=20, ways=5, backbones=(CONV4,), recipes=(("*", CPU_RECIPE),), seed=0)
         desc = "white-box, 20 Conv4 models over the glyph domains, 5-way 1-shot, reported per domain"
     else:
-        zoo = ZooSpec(dataset=ds, n_models=300, ways=5, backbones=(CONV4,), recipes=_paper_recipes(), seed=0)
+        zoo = _paper_zoo(ds, ("conv4",))
         desc = "white-box, 300 Conv4 models over CIFAR-FS + miniImageNet + CUB (FREE md.sh), reported per domain"
     return Suite(name="whitebox-multidomain", scale=scale,
                  scenarios=[Scenario(name=f"{ds}-conv4-5w1s", dataset=ds, zoo=zoo, access="whitebox", episodes=EPISODES_1SHOT,
