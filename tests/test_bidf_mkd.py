@@ -115,12 +115,14 @@ def test_end_to_end_on_toy_within_budget_with_report_and_grid(tmp_path):
     assert (tmp_path / "toy-cpu" / "bb" / "bidf-mkd" / "seed-0-recovered.png").exists() or "recovered" in rec.artifacts
 
 
+@pytest.mark.slow
 def test_tiny_budget_still_gives_a_valid_meta_learner(tmp_path):
     rec = _run(tmp_path, {**SMALL, "max_visits": 3}, budget=300)
     assert rec.status == "ok", rec.error
     assert rec.queries["total"] <= 300 and len(rec.per_episode) > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flag", ["use_zo_recovery", "use_boundary", "use_kd", "use_memory_replay"])
 def test_every_component_can_be_switched_off(tmp_path, flag):
     rec = _run(tmp_path, {**SMALL, flag: False})
