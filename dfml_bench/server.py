@@ -49,7 +49,7 @@ from .backbones import BackboneSpec, build_backbone
 SERVER_NAME = "dfml-bench-api-server"
 _MAX_REQUEST_BYTES = 1 << 16  # a request is a small JSON header; anything larger is malformed
 _ALIGN = 64  # byte alignment of output parts inside the output buffer
-_INITIAL_IMAGES = 512  # initial buffer capacity, in float32 images (grown on demand)
+_INITIAL_IMAGES = 256  # initial buffer capacity, in float32 images (grown on demand)
 
 # dtypes a client may send (validation then refuses the non-floating ones with a clear message)
 _DTYPES = {str(d).removeprefix("torch."): d for d in (
@@ -144,8 +144,10 @@ def _out_bytes(n_images: int, infos: tuple[APIInfo, ...]) -> int:
 
 
 def _buffers(in_bytes: int, n_images: int, infos: tuple[APIInfo, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    return (torch.empty(in_bytes, dtype=torch.uint8).share_memory_(),
-            torch.empty(_out_bytes(n_images, infos), dtype=torch.uint8).share_memory_())
+    """Fresh shared I/O buffers, ZEROED: ``torch.empty`` would hand the client recycled heap memory of
+    the server, which can hold bytes of the weights (the leak test caught exactly that)."""
+    return (torch.zeros(in_bytes, dtype=torch.uint8).share_memory_(),
+            torch.zeros(_out_bytes(n_images, infos), dtype=torch.uint8).share_memory_())
 
 
 def _parse_query(req: dict, spec: ServerSpec, in_buf: torch.Tensor) -> tuple[int, torch.Tensor]:
@@ -197,12 +199,13 @@ def _serve(conn, spec: ServerSpec) -> None:
         meter = QueryMeter(len(models), total_budget=spec.total_budget, per_api_budget=spec.per_api_budget)
         meter.used = list(spec.used)
         c, h, w = spec.image_shape
-        in_buf, out_buf = _buffers(_INITIAL_IMAGES * c * h * w * 4, _INITIAL_IMAGES, spec.infos)
+        n_images = _INITIAL_IMAGES
+        in_buf, out_buf = _buffers(n_images * c * h * w * 4, n_images, spec.infos)
     except Exception as exc:
         conn.send(("error", type(exc).__name__, str(exc)))
         conn.close()
         return
-    conn.send(("ready", in_buf, out_buf))
+    conn.send(("ready", in_buf, out_buf, _INITIAL_IMAGES))
     infos = spec.infos
     while True:
         try:
@@ -212,7 +215,7 @@ def _serve(conn, spec: ServerSpec) -> None:
         try:
             req = json.loads(raw)
             op = req.get("op") if isinstance(req, dict) else None
-        except (ValueError, UnicodeDecodeError):
+        except Exception:  # not JSON, too deeply nested, ...: refused below, the server stays up
             req, op = {}, None
         if op == "query":
             charged = None
@@ -241,12 +244,16 @@ def _serve(conn, spec: ServerSpec) -> None:
             if not (isinstance(n, int) and isinstance(nbytes, int) and 0 < n <= limit and 0 < nbytes <= limit * c * h * w * 16):
                 conn.send(_error(QueryError(f"buffer request of {n} images / {nbytes} bytes exceeds the API limits")))
                 continue
+            # grow geometrically (within the limits) so a slowly rising batch size does not regrow every time
+            n = max(n, min(2 * n_images, limit))
+            nbytes = max(nbytes, min(2 * in_buf.numel(), limit * c * h * w * 4))
             try:
                 in_buf, out_buf = _buffers(nbytes, n, infos)
             except Exception as exc:
                 conn.send({"ok": False, "error": "APIServerError", "message": f"{type(exc).__name__}: {exc}"})
                 continue
-            conn.send({"ok": True, "buffers": (in_buf, out_buf)})
+            n_images = n
+            conn.send({"ok": True, "buffers": (in_buf, out_buf), "images": n})
         elif op == "counts":
             conn.send({"ok": True, "counts": meter.used})
         elif op == "stop":
@@ -277,7 +284,7 @@ class _Channel:
     def __init__(self, conn, proc, in_buf, out_buf, meter: QueryMeter, device: torch.device, timeout: float):
         self._conn, self._proc, self._lock = conn, proc, threading.Lock()
         self._in, self._out = in_buf, out_buf
-        self._in_images = _INITIAL_IMAGES
+        self._in_images = 0  # output capacity of the buffers, in images (the server says)
         self._meter, self._device, self._closed, self._timeout = meter, device, None, timeout
 
     def _died(self) -> APIServerDied:
@@ -287,7 +294,9 @@ class _Channel:
         code = self._proc.exitcode
         how = (f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}")
         self._closed = f"found dead ({how})"
-        hint = " (signal 9 is usually the out-of-memory killer or an explicit kill)" if code == -9 else ""
+        hint = {-9: " (signal 9 is usually the out-of-memory killer or an explicit kill)",
+                -7: " (signal 7, bus error, usually means /dev/shm is too small for the shared query buffers; "
+                    "e.g. run docker with --shm-size=2g)"}.get(code, "")
         return APIServerDied(f"the black-box API server died ({how}){hint}; the query was not answered")
 
     def _reply(self, timeout: float):
@@ -313,7 +322,13 @@ class _Channel:
             self._conn.send_bytes(json.dumps(req).encode())
         except (BrokenPipeError, ConnectionResetError, OSError):
             raise self._died() from None
-        reply = self._reply(self._timeout if timeout is None else timeout)
+        try:
+            reply = self._reply(self._timeout if timeout is None else timeout)
+        except APIServerDied:
+            raise
+        except BaseException:  # e.g. Ctrl-C while waiting: the pending reply would answer the next request
+            self._closed = "left out of step by an interrupted query"
+            raise
         if "counts" in reply:
             self._meter.used[:] = reply["counts"]  # the server's counts are the truth
         if reply.get("ok"):
@@ -331,10 +346,9 @@ class _Channel:
         nbytes = images.numel() * images.element_size()
         with self._lock:
             if nbytes > self._in.numel() or n > self._in_images:
-                want_n = max(n, self._in_images)
-                reply = self._call({"op": "grow", "images": want_n, "bytes": max(nbytes, self._in.numel())})
+                reply = self._call({"op": "grow", "images": max(n, self._in_images), "bytes": max(nbytes, self._in.numel())})
                 self._in, self._out = reply["buffers"]
-                self._in_images = want_n
+                self._in_images = reply["images"]
             self._in[:nbytes].view(images.dtype).view(images.shape).copy_(images)
             reply = self._call({"op": "query", "api": api, "dtype": str(images.dtype).removeprefix("torch."), "shape": list(images.shape)})
             parts = [self._out[off : off + math.prod(shape) * _DTYPES[dt].itemsize].view(_DTYPES[dt]).view(shape).to(self._device, copy=True)
@@ -359,14 +373,14 @@ class _Channel:
         finally:
             if got:
                 self._lock.release()
+        try:
+            self._conn.close()  # a server still waiting for requests sees EOF and exits
+        except OSError:
+            pass
         self._proc.join(timeout=timeout)
         if self._proc.is_alive():
             self._proc.kill()
             self._proc.join(timeout=timeout)
-        try:
-            self._conn.close()
-        except OSError:
-            pass
 
     def __reduce__(self):
         raise TypeError("a black-box API channel cannot be pickled")
@@ -472,6 +486,6 @@ def serve_zoo(zoo, infos: list[APIInfo], meter: QueryMeter, device: str | torch.
 
             raise ZooCorrupted(text)
         raise APIServerDied(f"the black-box API server failed to start: {kind}: {text}")
-    channel._in, channel._out = msg[1], msg[2]
+    channel._in, channel._out, channel._in_images = msg[1], msg[2], msg[3]
     apis = [ServedAPI(info, channel) for info in infos]
     return apis, channel.close

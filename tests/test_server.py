@@ -13,6 +13,7 @@ import signal
 import threading
 import time
 import types
+import warnings
 
 import pytest
 import torch
@@ -84,7 +85,7 @@ def test_large_batch_grows_the_shared_buffers_and_closer_shuts_down(zoo):
     infos = _infos(zoo, ["label", "label", "label"], max_batch=5000)
     apis, closer = serve_zoo(zoo, infos, meter, "cpu")
     try:
-        x = _images(1500, seed=3)  # beyond the initial 512-image buffers
+        x = _images(1500, seed=3)  # beyond the initial 256-image buffers
         ref = InProcessAPI(zoo.load_model(1), infos[1], QueryMeter(3))
         got = apis[1].query(x)
         assert got.dtype == torch.int64 and got.shape == (1500,)
@@ -208,6 +209,11 @@ def test_malformed_requests_are_refused_and_float64_half_accepted(served):
                 {"op": "grow", "images": 10**9, "bytes": 10**12}):
         with ch._lock, pytest.raises(QueryError):
             ch._call(req)
+    for raw in (b"\xff\xfe not json", b"[" * 60000, b"{}"):
+        with ch._lock:
+            ch._conn.send_bytes(raw)
+            reply = ch._reply(10.0)
+        assert reply["ok"] is False and reply["error"] == "QueryError" and "malformed request" in reply["message"]
     assert apis[1].query(_images(3).double()).shape == (3, 5)
     assert apis[1].query(_images(3).half()).shape == (3, 5)
 
@@ -314,14 +320,24 @@ class Probe(Method):
         rep["reach_tensors"] = len(blobs)
         rep["reach_weight_hits"] = sum(p in b for b in blobs for p in self.patterns)
         # everything in this process
+        t0 = time.perf_counter()
         gc.collect()
         seen, hits = set(), 0
-        for o in gc.get_objects():
-            if isinstance(o, torch.Tensor):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # isinstance() on torch's deprecated lazy attributes warns
+            tensors = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
+        for o in tensors:
+            try:
+                key = (o.untyped_storage().data_ptr(), o.untyped_storage().nbytes())
+            except Exception:
+                continue
+            if key not in seen:
+                seen.add(key)
                 b = _storage_bytes(o)
-                if b and id(o.untyped_storage()) not in seen:
-                    hits += sum(p in b for p in self.patterns)
+                hits += sum(p in b for p in self.patterns) if b else 0
         rep["process_weight_hits"] = hits
+        rep["process_storages"] = len(seen)
+        rep["scan_seconds"] = time.perf_counter() - t0
         # the server's memory through the OS
         denied = []
         for pid in _children_pids():
@@ -396,7 +412,7 @@ def test_hostile_method_finds_nothing_and_killed_server_fails_cleanly(zoo, serve
     assert not bb["has_dict"] and not bb["settable"] and bb["pickled"] == 0
     assert bb["reach_modules"] == 0 and bb["reach_params"] == 0
     assert bb["reach_tensors"] >= 2 and bb["reach_weight_hits"] == 0  # the shared I/O buffers hold no weight
-    assert bb["process_weight_hits"] == 0
+    assert bb["process_weight_hits"] == 0 and bb["process_storages"] > 10
     if not _can_ptrace():
         assert bb["proc_mem_denied"] and all(bb["proc_mem_denied"])
     # the record holds the server's exact counts
