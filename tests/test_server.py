@@ -5,6 +5,7 @@ fails the run cleanly while the suite goes on."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 import multiprocessing
 import os
@@ -46,6 +47,7 @@ def served(zoo):
     """One server: API 0 answers logits, API 1 probs, API 2 top-3; no budget."""
     meter = QueryMeter(3)
     infos = _infos(zoo, ["logits", "probs", "topk"])
+    infos[1] = dataclasses.replace(infos[1], max_batch=5000)
     apis, closer = serve_zoo(zoo, infos, meter, "cpu")
     yield apis, meter, infos
     closer()
@@ -80,25 +82,16 @@ def test_outputs_equal_in_process_api_for_every_kind(zoo, served):
     assert torch.equal(a, kept)
 
 
-def test_large_batch_grows_the_shared_buffers_and_closer_shuts_down(zoo):
-    meter = QueryMeter(3)
-    infos = _infos(zoo, ["label", "label", "label"], max_batch=5000)
-    apis, closer = serve_zoo(zoo, infos, meter, "cpu")
-    try:
-        x = _images(1500, seed=3)  # beyond the initial 256-image buffers
-        ref = InProcessAPI(zoo.load_model(1), infos[1], QueryMeter(3))
-        got = apis[1].query(x)
-        assert got.dtype == torch.int64 and got.shape == (1500,)
-        assert torch.equal(got, ref.query(x))
-        assert torch.equal(apis[1].query(x[:7]), ref.query(x[:7]))
-        assert meter.snapshot()["per_api"] == [0, 1507, 0]
-    finally:
-        closer()
-    closer()  # idempotent
-    with pytest.raises(APIServerDied, match="shut down"):
-        apis[0].query(_images(2))
-    assert meter.snapshot()["per_api"] == [0, 1507, 0]
-    assert isinstance(apis[0], ServedAPI) and not hasattr(apis[0], "__dict__")
+def test_large_batch_grows_the_shared_buffers(zoo, served):
+    apis, meter, infos = served
+    before = meter.snapshot()["per_api"]
+    x = _images(1500, seed=3)  # beyond the initial 256-image buffers
+    ref = InProcessAPI(zoo.load_model(1), infos[1], QueryMeter(3))
+    got = apis[1].query(x)
+    assert got.shape == (1500, 5)
+    torch.testing.assert_close(got, ref.query(x))
+    torch.testing.assert_close(apis[1].query(x[:7]), ref.query(x[:7]))
+    assert meter.snapshot()["per_api"] == [before[0], before[1] + 1507, before[2]]
 
 
 # --------------------------------------------------------------------------------------------- budgets
@@ -143,8 +136,10 @@ def test_budgets_exact_under_concurrent_threads_and_refused_whole(zoo):
         assert answered == [100, 100]  # every answered image counted, nothing else, nothing lost
         assert meter.snapshot()["per_api"] == [100, 100, 0]
 
-        # exact refusals on the total budget (250), nothing charged when refused
-        apis[2].query(_images(30))
+        # exact refusals on the total budget (250), nothing charged when refused; labels as in process
+        ref = InProcessAPI(zoo.load_model(2), apis[2].info, QueryMeter(3))
+        got = apis[2].query(_images(30))
+        assert got.dtype == torch.int64 and torch.equal(got, ref.query(_images(30)))
         with pytest.raises(BudgetExhausted) as info:
             apis[2].query(_images(30))
         e = info.value
@@ -166,6 +161,10 @@ def test_budgets_exact_under_concurrent_threads_and_refused_whole(zoo):
     finally:
         closer()
     assert meter.snapshot()["per_api"] == [100, 100, 50]  # closer syncs the server's final counts
+    closer()  # idempotent
+    with pytest.raises(APIServerDied, match="shut down"):
+        apis[0].query(_images(2))
+    assert isinstance(apis[0], ServedAPI) and not hasattr(apis[0], "__dict__")
 
 
 # ------------------------------------------------------------------------------------------- bad input
