@@ -144,25 +144,46 @@ def frozen_episodes(
     """The episodes of (dataset, split, spec, seed): loaded from ``store`` if drawn before, else drawn and stored.
 
     The file name encodes everything the draw depends on, so every method of a run gets the same file.
-    Safe with concurrent workers: the file is written once, under a lock, by the first process that
-    needs it (atomically, so a reader never sees part of it); everyone else only reads it.
+    Safe with concurrent workers: the file is published once with an exclusive hard link (never
+    replaced while valid, never seen half-written); a process that loses the race reads the winner's
+    file. The draw is deterministic, so every candidate holds the same episodes.
     """
-    from filelock import FileLock
-
     key = sha256_json([dataset.hash, split, spec.ways, spec.shots, spec.queries, spec.n_episodes, int(seed)])[:16]
     path = Path(store) / f"{dataset.name}-{split}-{spec.ways}w{spec.shots}s{spec.queries}q-{spec.n_episodes}-seed{seed}-{key}.pt"
     if path.exists():
         try:
-            return load_episodes(path)  # the common case: read-only, no lock
+            return load_episodes(path)  # the common case: read only
+        except FileNotFoundError:
+            pass
         except Exception:
-            pass  # corrupted: decided below, under the lock
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):
-        if path.exists():
-            try:
-                return load_episodes(path)  # another process wrote it while we waited
-            except Exception:
-                path.unlink(missing_ok=True)  # corrupted: redraw (deterministic, so the same episodes come back)
-        eps = sample_episodes(dataset, split, spec, seed)
-        save_episodes(path, eps)
+            path.unlink(missing_ok=True)  # corrupted: redraw (deterministic, so the same episodes come back)
+    eps = sample_episodes(dataset, split, spec, seed)
+    if not _write_once(path, eps):
+        try:
+            return load_episodes(path)  # another process published it first
+        except FileNotFoundError:
+            pass
     return eps
+
+
+def _write_once(path: Path, eps: EpisodeSet) -> bool:
+    """Publish ``eps`` at ``path`` only if no file is there (O_EXCL semantics through ``os.link``).
+    Returns True if this call created the file."""
+    import os
+    import threading
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    save_episodes(tmp, eps)
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError:  # a file system without hard links: an atomic replace (same content) instead
+        if path.exists():
+            return False
+        os.replace(tmp, path)
+        return True
+    finally:
+        tmp.unlink(missing_ok=True)
