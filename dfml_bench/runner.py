@@ -236,14 +236,17 @@ def _per_domain(dataset: ImageDataset, eps: EpisodeSet, acc: list[float]) -> dic
 
 
 def _save_artifacts(method: Method, key: RunKey, out: Path) -> dict:
-    """Methods may leave images to show (``method.artifacts_`` = {name: uint8/float image tensor grid});
-    they are saved next to the record."""
+    """Methods may leave images to show (``method.artifacts_`` = {name: callable(path) writing a PNG});
+    they are saved next to the record, each written under a temporary name and renamed into place."""
     arts = getattr(method, "artifacts_", None) or {}
     saved = {}
     for name, fig_writer in arts.items():
         path = key.path(out).with_name(f"seed-{key.seed}-{name}.png")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.stem}.tmp.png")
         try:
-            fig_writer(path)
+            fig_writer(tmp)
+            os.replace(tmp, path)
             saved[name] = path.name
         except Exception as exc:  # an artifact never fails a run
             saved[name] = f"error: {exc}"
