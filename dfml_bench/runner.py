@@ -138,6 +138,7 @@ def run_one(suite: Suite, scenario: Scenario, method_name: str, seed: int, opts:
             bar.set_postfix_str(f"{scenario.name}/{method_name}/seed{seed}: {text}")
 
     closer = lambda: None  # noqa: E731
+    meter: QueryMeter | None = None
     try:
         params = {**scenario.method_params.get(method_name, {}), **opts.method_params.get(method_name, {})}
         method = get_method(method_name, params)
@@ -209,6 +210,8 @@ def run_one(suite: Suite, scenario: Scenario, method_name: str, seed: int, opts:
         record.status = "failed"
         record.error = f"{type(exc).__name__}: {exc}"
         record.extra = {"traceback": traceback.format_exc(limit=20)}
+        if meter is not None:
+            record.queries = meter.snapshot()  # what the run spent before it failed
         if opts.log:
             opts.log(f"FAILED {scenario.name}/{method_name}/seed{seed}: {record.error}")
     finally:
