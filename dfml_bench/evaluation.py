@@ -11,10 +11,17 @@ cannot be installed here:
 
 - :func:`inner_adapt` is the reusable functional inner loop (MAML, first- or second-order, any loss,
   e.g. soft-target distillation); methods call it for meta-training.
-- :func:`evaluate` adapts and predicts many episodes at once with ``vmap`` over the per-episode
-  adaptation (convolutions with per-episode weights become grouped convolutions), in chunks whose size
-  comes from a memory estimate; :func:`evaluate_loop` is the plain per-episode loop, the fallback for
-  architectures where ``vmap`` fails and the reference that ``evaluate`` is tested against.
+- :func:`evaluate` adapts many episodes at once with ``vmap`` over the per-episode adaptation
+  (convolutions with per-episode weights become grouped convolutions), in chunks whose size comes from a
+  memory estimate, and predicts the query sets with ``vmap`` too on accelerators; on CPU the query
+  forward (75 images per episode, already a large batch) runs per episode in channels-last layout, which
+  oneDNN runs ~3x faster than the grouped form. :func:`evaluate_loop` is the plain per-episode loop,
+  the fallback for architectures where ``vmap`` fails and the reference ``evaluate`` is tested against.
+  On a 2-core CPU the two take about the same time (Conv4-32 adaptation of 5 images is small either
+  way; see ``benchmarks/bench_evaluation.py``); the batched path is the one that scales on a GPU.
+- Grouped and plain convolutions round differently (~1e-4 in the logits after 10 steps), so a query
+  whose two best logits are that close can flip between :func:`evaluate` and :func:`evaluate_loop`;
+  in 600 random-model episodes that is a handful of single-query differences.
 - :func:`summarize` gives mean +- 95 % CI as the literature reports it.
 """
 
@@ -301,8 +308,8 @@ def evaluate(
 
     Episodes are processed in chunks of ``chunk_size`` (default: :func:`auto_chunk_size`), each chunk
     with one ``vmap`` over the episodes. The model is copied (BatchNorm switched to batch statistics)
-    and never modified. On CPU the result is bit-identical across calls with the same inputs and
-    thread count. ``progress(done, total)`` is called after each chunk.
+    and never modified. On CPU the result is bit-identical across calls with the same inputs, chunk
+    size and thread count. ``progress(done, total)`` is called after each chunk.
     """
     return _run(model, dataset, episodes, protocol, device, chunk_size, progress, batched=True)
 
