@@ -68,9 +68,10 @@ PAPER_DEFAULTS: dict[str, Any] = dict(
     episode_batch=10, patience=10, max_replay_batches=None, val_every=20, val_episodes=None, align_lr=1e-3,
     scratch_iterations=200,
 )
+# cpu: sized for a few minutes on 2 cores (a narrow generator, 25 images per model, capped replay).
 CPU_DEFAULTS: dict[str, Any] = dict(
-    epochs=40, warmup=20, per_class=10, nz=64, ngf=32, gen_lr=1e-2, z_lr=1e-2, meta_gen_lr=1e-3,
-    episode_batch=4, patience=3, max_replay_batches=6, val_every=10, val_episodes=100, align_lr=1e-2,
+    epochs=20, warmup=10, per_class=5, nz=64, ngf=16, gen_lr=1e-2, z_lr=1e-2, meta_gen_lr=1e-2,
+    episode_batch=4, patience=2, max_replay_batches=4, val_every=10, val_episodes=100, align_lr=1e-2,
     scratch_iterations=200,
 )
 
