@@ -17,7 +17,9 @@ from dfml_bench.scenarios import Scenario, Suite
 from dfml_bench.utils import make_generator, sha256_tensor, sha256_json
 from dfml_bench.zoo import TrainRecipe, ZooSpec
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One intra-op thread: several test processes (API servers, workers) share two cores, and
+# oversubscribed OpenMP threads make small-tensor work many times slower.
+torch.set_num_threads(1)
 
 
 def make_toy_dataset(n_classes: int = 30, per_class: int = 30, size: int = 16, seed: int = 0, name: str = "toy") -> ImageDataset:
