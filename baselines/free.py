@@ -177,7 +177,7 @@ class FREE(Method):
         groups = _teacher_groups(teachers)
 
         rep: dict[str, Any] = {"recovery_seconds": [], "teacher_acc": [], "val_curve": [], "replay_batches": [],
-                               "warmup_recovery_seconds": [], "align_seconds": [], "replay_seconds": []}
+                               "warmup_recovery_seconds": [], "align_seconds": [], "replay_seconds": [], "drawn": []}
         best_acc, best_state, best_epoch = -1.0, None, None
         total = cfg["warmup"] + cfg["epochs"]
         bar = context.progress.bar(total, "free")
@@ -208,6 +208,7 @@ class FREE(Method):
             if warm:
                 bar.update(1)
                 continue
+            rep["drawn"].append([teachers[i].index for i in idx])
             if cfg["memory"]:
                 for t, x in (batches if cfg["store_all"] else batches[-1:]):
                     memory.add(x, y, t.classes, source=t.index)
@@ -247,6 +248,7 @@ class FREE(Method):
             "memory_images": memory.n_images(),
             "memory_classes": len(memory.classes),
             "memory_sources": len(memory.sources()),
+            "teachers_drawn": rep["drawn"],
         }
         title = f"{self.name}: recovered images ({memory.n_images()} in memory, {len(memory.classes)} classes)"
         self.artifacts_ = {"recovered": lambda path: save_image_grid(memory.grid(), path, title=title)}
