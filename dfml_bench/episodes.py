@@ -84,6 +84,19 @@ def _gather(dataset: ImageDataset, index: torch.Tensor, device) -> tuple[torch.T
     return x, y
 
 
+def domain_groups(dataset: ImageDataset, classes: list[int]) -> list[list[int]]:
+    """``classes`` grouped by domain (sorted by domain name); one group for a single-domain dataset.
+
+    Multi-domain pools are evaluated as the reference does: every episode comes from one domain, and
+    results are reported per domain and averaged."""
+    if not dataset.domains:
+        return [list(classes)]
+    out: dict[str, list[int]] = {}
+    for c in classes:
+        out.setdefault(dataset.domain_of(c), []).append(c)
+    return [out[d] for d in sorted(out)]
+
+
 def sample_episodes(dataset: ImageDataset, split: str, spec: EpisodeSpec, seed: int) -> EpisodeSet:
     """Draw ``spec.n_episodes`` episodes from ``split`` with an explicit seed (deterministic on any machine)."""
     classes = dataset.splits[split]
@@ -99,12 +112,15 @@ def sample_episodes(dataset: ImageDataset, split: str, spec: EpisodeSpec, seed: 
             f"{dataset.name} meta-{split}: classes {short[:5]} have fewer than shots+queries={need} images"
         )
     g = make_generator(seed)
-    cls_tensor = torch.tensor(classes, dtype=torch.long)
+    groups = [torch.tensor(c, dtype=torch.long) for c in domain_groups(dataset, classes) if len(c) >= spec.ways]
+    if not groups:
+        raise DatasetError(f"{dataset.name} meta-{split}: no domain has {spec.ways} classes for a {spec.ways}-way episode")
     all_cls = torch.empty(spec.n_episodes, spec.ways, dtype=torch.long)
     sup = torch.empty(spec.n_episodes, spec.ways, spec.shots, dtype=torch.long)
     qry = torch.empty(spec.n_episodes, spec.ways, spec.queries, dtype=torch.long)
     for e in range(spec.n_episodes):
-        chosen = cls_tensor[torch.randperm(len(classes), generator=g)[: spec.ways]]
+        pool_cls = groups[e % len(groups)]  # multi-domain pools: each episode within one domain, domains in turn
+        chosen = pool_cls[torch.randperm(len(pool_cls), generator=g)[: spec.ways]]
         all_cls[e] = chosen
         for n, c in enumerate(chosen.tolist()):
             pool = by_class[c]
@@ -148,7 +164,10 @@ def frozen_episodes(
     replaced while valid, never seen half-written); a process that loses the race reads the winner's
     file. The draw is deterministic, so every candidate holds the same episodes.
     """
-    key = sha256_json([dataset.hash, split, spec.ways, spec.shots, spec.queries, spec.n_episodes, int(seed)])[:16]
+    key_parts = [dataset.hash, split, spec.ways, spec.shots, spec.queries, spec.n_episodes, int(seed)]
+    if dataset.domains:
+        key_parts.append("per-domain")
+    key = sha256_json(key_parts)[:16]
     path = Path(store) / f"{dataset.name}-{split}-{spec.ways}w{spec.shots}s{spec.queries}q-{spec.n_episodes}-seed{seed}-{key}.pt"
     if path.exists():
         try:

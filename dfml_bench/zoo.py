@@ -142,7 +142,10 @@ class ZooCorrupted(RuntimeError):
 
 
 def zoo_hash(spec: ZooSpec, dataset: ImageDataset) -> str:
-    return sha256_json({"format": ZOO_FORMAT, "spec": spec.to_dict(), "dataset": dataset.hash})
+    parts = {"format": ZOO_FORMAT, "spec": spec.to_dict(), "dataset": dataset.hash}
+    if dataset.domains:
+        parts["class_draw"] = "per-domain"
+    return sha256_json(parts)
 
 
 def zoo_dir(spec: ZooSpec, dataset: ImageDataset, root: Path | None = None) -> Path:
@@ -154,8 +157,15 @@ def _make_model(bb: BackboneSpec, ways: int, dataset: ImageDataset) -> nn.Module
 
 
 def model_classes(spec: ZooSpec, dataset: ImageDataset, i: int) -> list[int]:
-    """The meta-train classes of model ``i`` (seeded draw, sorted in draw order)."""
-    train = dataset.splits["train"]
+    """The meta-train classes of model ``i`` (seeded draw, in draw order). In a multi-domain pool,
+    model ``i`` belongs to domain ``i mod D`` and draws its classes inside it (the reference trains
+    each domain's models on that domain's classes)."""
+    from .episodes import domain_groups
+
+    groups = [grp for grp in domain_groups(dataset, dataset.splits["train"]) if len(grp) >= spec.ways]
+    if not groups:
+        raise ValueError(f"{dataset.name}: no domain has {spec.ways} meta-train classes for a {spec.ways}-way zoo model")
+    train = groups[i % len(groups)]
     g = make_generator(derive_seed("zoo-classes", spec.seed, i))
     pick = torch.randperm(len(train), generator=g)[: spec.ways]
     return [train[j] for j in pick.tolist()]

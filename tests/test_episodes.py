@@ -71,3 +71,27 @@ def test_too_few_classes_is_a_clear_error(toy_dataset):
 def test_episode_spec_validation():
     with pytest.raises(ValueError, match="shots"):
         EpisodeSpec(5, 0, 15, 10)
+
+
+def test_multidomain_episodes_stay_within_one_domain_and_rotate(toy_dataset):
+    from dataclasses import replace
+
+    half = {c: ("a" if c % 2 == 0 else "b") for c in range(30)}
+    ds = replace(toy_dataset, domains=half, splits={"train": list(range(10)), "val": list(range(10, 20)), "test": list(range(20, 30))})
+    eps = sample_episodes(ds, "test", EpisodeSpec(5, 1, 2, 6), 0)
+    doms = [{half[c] for c in eps.classes[e].tolist()} for e in range(6)]
+    assert all(len(d) == 1 for d in doms)
+    assert [d.pop() for d in doms] == ["a", "b", "a", "b", "a", "b"]
+
+
+def test_multidomain_zoo_models_draw_classes_inside_one_domain(toy_dataset):
+    from dataclasses import replace
+
+    from dfml_bench.zoo import ZooSpec, model_classes
+
+    half = {c: ("a" if c % 2 == 0 else "b") for c in range(30)}
+    ds = replace(toy_dataset, domains=half, splits={"train": list(range(12)), "val": list(range(12, 20)), "test": list(range(20, 30))})
+    spec = ZooSpec(dataset="toy", n_models=4, ways=5)
+    for i in range(4):
+        cls = model_classes(spec, ds, i)
+        assert {half[c] for c in cls} == {"ab"[i % 2]}
