@@ -79,12 +79,18 @@ def main(argv: list[str] | None = None) -> dict:
     for t in eval_t:
         x, secs, _ = recover_meta(meta, None, t.model, y, w, cfg, g)
         acc_m = teacher_accuracy(t.model, x, y)
+        # control: a freshly initialised generator given the same gen_steps (is the meta-learning what helps?)
+        fresh = Generator(nz=cfg["nz"], ngf=cfg["ngf"], img_size=h, channels=c)
+        reset_generator(fresh, g)
+        xf, _, _ = recover_meta(fresh, None, t.model, y, w, cfg, g)
+        acc_f = teacher_accuracy(t.model, xf, y)
         mem_meta.add(x, y, t.classes, source=t.index)
         r = invert_from_scratch(t.model, ways, cfg["per_class"], image_shape=ctx.image_shape, generator=g,
                                 iterations=args.scratch_iterations, nz=cfg["nz"], ngf=cfg["ngf"], weights=w)
         mem_scratch.add(r.images, r.labels, t.classes, source=t.index)
-        rows.append({"model": t.index, "meta_s": secs, "meta_acc": acc_m, "scratch_s": r.seconds, "scratch_acc": r.teacher_acc})
-        print(f"model {t.index:3d}: meta-generator {secs:6.2f} s, teacher acc {acc_m:.3f} | "
+        rows.append({"model": t.index, "meta_s": secs, "meta_acc": acc_m, "scratch_s": r.seconds, "scratch_acc": r.teacher_acc,
+                     "fresh_k_acc": acc_f})
+        print(f"model {t.index:3d}: meta-generator {secs:6.2f} s, teacher acc {acc_m:.3f} (fresh generator, same steps: {acc_f:.3f}) | "
               f"from scratch {r.seconds:7.2f} s, teacher acc {r.teacher_acc:.3f}", flush=True)
 
     meta_s = statistics.median(r["meta_s"] for r in rows)
@@ -96,12 +102,14 @@ def main(argv: list[str] | None = None) -> dict:
         "meta_seconds_per_task": meta_s, "scratch_seconds_per_task": scratch_s, "speedup": scratch_s / meta_s,
         "meta_teacher_acc": statistics.mean(r["meta_acc"] for r in rows),
         "scratch_teacher_acc": statistics.mean(r["scratch_acc"] for r in rows),
+        "fresh_same_steps_teacher_acc": statistics.mean(r["fresh_k_acc"] for r in rows),
         "meta_generator_training_s": meta_train_s, "meta_generator_training_epochs": epochs,
         "amortised_speedup": (len(rows) * scratch_s) / (meta_train_s + len(rows) * meta_s), "rows": rows,
     }
     print(f"\nrecovery speed-up (median seconds per task, same zoo, same run): {out['speedup']:.1f}x "
           f"({scratch_s:.2f} s from scratch / {meta_s:.3f} s meta-generator)")
-    print(f"teacher accuracy on recovered images: meta-generator {out['meta_teacher_acc']:.3f}, from scratch {out['scratch_teacher_acc']:.3f}")
+    print(f"teacher accuracy on recovered images: meta-generator {out['meta_teacher_acc']:.3f}, from scratch "
+          f"{out['scratch_teacher_acc']:.3f}, fresh generator with the same {cfg['gen_steps']} steps {out['fresh_same_steps_teacher_acc']:.3f}")
     print(f"meta-generator training: {meta_train_s:.1f} s over {epochs} epochs; amortised over these {len(rows)} models: "
           f"{out['amortised_speedup']:.1f}x")
 
