@@ -17,15 +17,17 @@ def _smoke(scale: str) -> Suite:
         raise SuiteError(f"unknown scale {scale!r} for the smoke suite; choose 'cpu' or 'paper'")
     zoo = ZooSpec(dataset="glyphs", n_models=6, ways=5, backbones=(CONV4,), recipes=(("*", CPU_CONV4),), seed=0)
     episodes = EpisodeSpec(ways=5, shots=1, queries=15, n_episodes=600)
+    # the oracle is shortened so the whole suite stays within its 5-minute budget on 2 cores
+    oracle = {"oracle": {"iterations": 100, "val_every": 50, "val_episodes": 50}}
     return Suite(
         name="smoke",
         scale=scale,
         description="One white-box and one black-box scenario on glyphs with a small Conv4 zoo: checks an install end to end.",
         scenarios=[
             Scenario(name="wb-glyphs-conv4-5w1s", dataset="glyphs", zoo=zoo, access="whitebox", episodes=episodes,
-                     description="white-box, 6 Conv4 models, 5-way 1-shot"),
+                     val_episodes=50, method_params=oracle, description="white-box, 6 Conv4 models, 5-way 1-shot"),
             Scenario(name="bb-glyphs-conv4-5w1s", dataset="glyphs", zoo=zoo, access="blackbox", output_kind="logits",
-                     budget_total=200_000, episodes=episodes,
+                     budget_total=200_000, episodes=episodes, val_episodes=50, method_params=oracle,
                      description="black-box logits APIs, 6 Conv4 models, 200k-image budget, 5-way 1-shot"),
         ],
         methods=["random", "average", "oracle"],
