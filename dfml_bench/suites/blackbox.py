@@ -24,25 +24,12 @@ CONV4 = common.CONV4
 EPISODES_1SHOT = EpisodeSpec(ways=5, shots=1, queries=15, n_episodes=600)
 CPU_RECIPE = getattr(common, "CPU_CONV4", TrainRecipe(epochs=12, optimizer="adam", lr=0.005, batch_size=50))
 # narrow ResNets at cpu scale (stages 16-32-64-128), as in the white-box suites (same zoo specs -> shared cache)
-CPU_RESNET10, CPU_RESNET18 = BackboneSpec("resnet10", 16), BackboneSpec("resnet18", 16)
+CPU_RESNET10, CPU_RESNET18 = common.CPU_RESNET10, common.CPU_RESNET18
 CPU_BUDGET = 100_000
 CPU_METHODS = ["random", "bidf-mkd", "oracle"]
 # the oracle (MAML on real meta-train data, not data-free) is an upper reference; shortened at cpu scale
 CPU_PARAMS = {"oracle": {"iterations": 100, "val_every": 50, "val_episodes": 60}}
 PAPER_METHODS = ["random", "bidf-mkd", "oracle"]
-
-
-def _check_scale(name: str, scale: str) -> None:
-    if scale not in ("cpu", "paper"):
-        raise SuiteError(f"suite {name!r}: unknown scale {scale!r}; choose 'cpu' or 'paper'")
-
-
-def _paper_zoo(dataset: str, archs: tuple[str, ...]) -> ZooSpec:
-    if hasattr(common, "paper_zoo"):
-        return common.paper_zoo(dataset, archs)
-    backbones = {"conv4": CONV4, "resnet10": BackboneSpec("resnet10", 64), "resnet18": BackboneSpec("resnet18", 64)}
-    return ZooSpec(dataset=dataset, n_models=100 * len(archs), ways=5, backbones=tuple(backbones[a] for a in archs),
-                   recipes=(("*", TrainRecipe(epochs=60, optimizer="adam", lr=0.01, batch_size=128)),), seed=0)
 
 
 def _bb(name: str, dataset: str, zoo: ZooSpec, budget: int | None, episodes: EpisodeSpec, desc: str, params: dict) -> Scenario:
@@ -53,7 +40,7 @@ def _bb(name: str, dataset: str, zoo: ZooSpec, budget: int | None, episodes: Epi
 def _paper_scenarios(datasets: tuple[str, ...], archs: tuple[str, ...], tag: str, what: str) -> list[Scenario]:
     out = []
     for ds in datasets:
-        zoo = _paper_zoo(ds, archs)
+        zoo = common.paper_zoo(ds, archs)
         for shots in (1, 5):
             out.append(_bb(f"{ds}-{tag}-5w{shots}s", ds, zoo, None, EpisodeSpec(ways=5, shots=shots, queries=15, n_episodes=600),
                            f"black-box logits APIs, {zoo.n_models} {what} {ds} models, 5-way {shots}-shot, no budget", {}))
@@ -61,7 +48,7 @@ def _paper_scenarios(datasets: tuple[str, ...], archs: tuple[str, ...], tag: str
 
 
 def _homo(scale: str) -> Suite:
-    _check_scale("blackbox-homo", scale)
+    common.check_scale("blackbox-homo", scale)
     if scale == "cpu":
         zoo = ZooSpec(dataset="glyphs", n_models=20, ways=5, backbones=(CONV4,), recipes=(("*", CPU_RECIPE),), seed=0)
         scenarios = [_bb("glyphs-conv4-5w1s", "glyphs", zoo, CPU_BUDGET, EPISODES_1SHOT,
@@ -75,7 +62,7 @@ def _homo(scale: str) -> Suite:
 
 
 def _hetero(scale: str) -> Suite:
-    _check_scale("blackbox-hetero", scale)
+    common.check_scale("blackbox-hetero", scale)
     if scale == "cpu":
         zoo = ZooSpec(dataset="glyphs", n_models=12, ways=5, backbones=(CONV4, CPU_RESNET10, CPU_RESNET18),
                       recipes=(("*", CPU_RECIPE),), seed=0)
@@ -90,18 +77,10 @@ def _hetero(scale: str) -> Suite:
                  description="Black-box DFML from APIs of mixed architectures on one dataset (BiDf-MKD API-SH).")
 
 
-def _dataset_registered(name: str) -> bool:
-    from ..datasets import dataset_names
-
-    return name in dataset_names()
-
-
 def _multidomain(scale: str) -> Suite:
-    _check_scale("blackbox-multidomain", scale)
+    common.check_scale("blackbox-multidomain", scale)
     ds = "glyphs-multidomain" if scale == "cpu" else "multidomain"
-    if not _dataset_registered(ds):
-        raise SuiteError(f"suite 'blackbox-multidomain' at {scale} scale needs the dataset {ds!r}, which is not registered "
-                         f"(entry-point group dfml_bench.datasets); install a dfml-bench version that provides it")
+    common.require_dataset("blackbox-multidomain", ds, scale)
     if scale == "cpu":
         zoo = ZooSpec(dataset=ds, n_models=12, ways=5, backbones=(CONV4, CPU_RESNET10, CPU_RESNET18),
                       recipes=(("*", CPU_RECIPE),), seed=0)
@@ -109,7 +88,7 @@ def _multidomain(scale: str) -> Suite:
                          f"black-box logits APIs, 12 models over the glyph domains (Conv4, ResNet-10, ResNet-18), "
                          f"{CPU_BUDGET} query images, 5-way 1-shot, reported per domain (API-MH)", CPU_PARAMS)]
     else:
-        zoo = _paper_zoo(ds, ("conv4", "resnet10", "resnet18"))
+        zoo = common.paper_zoo(ds, ("conv4", "resnet10", "resnet18"))
         scenarios = [_bb(f"{ds}-mixarch-5w{s}s", ds, zoo, None, EpisodeSpec(ways=5, shots=s, queries=15, n_episodes=600),
                          f"black-box logits APIs, {zoo.n_models} models over CIFAR-FS + miniImageNet + CUB, 3 architectures, "
                          f"5-way {s}-shot, reported per domain (API-MH)", {}) for s in (1, 5)]

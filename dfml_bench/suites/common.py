@@ -50,3 +50,25 @@ def paper_zoo(dataset: str, archs: tuple[str, ...] | list[str] = ("conv4",), *, 
 
 # CPU scale: glyph instances are already jittered, so no augmentation; a few epochs suffice on 5-way tasks.
 CPU_CONV4 = TrainRecipe(epochs=12, optimizer="adam", lr=0.005, batch_size=50)
+
+
+# narrow ResNets at cpu scale (stages 16-32-64-128): white-box and black-box suites share these specs,
+# so one zoo build serves both tracks
+CPU_RESNET10, CPU_RESNET18 = BackboneSpec("resnet10", 16), BackboneSpec("resnet18", 16)
+
+
+def check_scale(suite: str, scale: str) -> None:
+    from ..scenarios import SuiteError
+
+    if scale not in ("cpu", "paper"):
+        raise SuiteError(f"suite {suite!r}: unknown scale {scale!r}; choose 'cpu' or 'paper'")
+
+
+def require_dataset(suite: str, dataset: str, scale: str) -> None:
+    """A clear error when a suite needs a dataset that no installed package registers."""
+    from ..datasets import dataset_names
+    from ..scenarios import SuiteError
+
+    if dataset not in dataset_names():
+        raise SuiteError(f"suite {suite!r} at {scale} scale needs the dataset {dataset!r}, which is not registered "
+                         f"(entry-point group dfml_bench.datasets); install a dfml-bench version that provides it")

@@ -26,28 +26,11 @@ CPU_METHODS = ["random", "average", "oracle", "free"]
 # CPU zoo recipe for every architecture: a few Adam epochs on the model's 5 glyph classes.
 CPU_RECIPE = getattr(common, "CPU_CONV4", TrainRecipe(epochs=12, optimizer="adam", lr=0.005, batch_size=50))
 # CPU-scale ResNets are narrow (width 16: stages 16-32-64-128) so that a zoo trains in minutes on 2 cores.
-CPU_RESNET10, CPU_RESNET18 = BackboneSpec("resnet10", 16), BackboneSpec("resnet18", 16)
-PAPER_RESNET10, PAPER_RESNET18 = BackboneSpec("resnet10", 64), BackboneSpec("resnet18", 64)
-
-
-def _paper_zoo(dataset: str, archs: tuple[str, ...]) -> ZooSpec:
-    """The reference zoo (100 models per architecture and domain, reference recipes) from
-    :func:`common.paper_zoo`; a local equivalent if that helper is absent."""
-    if hasattr(common, "paper_zoo"):
-        return common.paper_zoo(dataset, archs)
-    bb = {"conv4": CONV4, "resnet10": PAPER_RESNET10, "resnet18": PAPER_RESNET18}
-    n = 100 * len(archs) * (3 if dataset == "multidomain" else 1)
-    recipes = tuple((a, common.PAPER_CONV4 if a == "conv4" else common.PAPER_RESNET) for a in archs)
-    return ZooSpec(dataset=dataset, n_models=n, ways=5, backbones=tuple(bb[a] for a in archs), recipes=recipes, seed=0)
-
-
-def _check_scale(name: str, scale: str) -> None:
-    if scale not in ("cpu", "paper"):
-        raise SuiteError(f"suite {name!r}: unknown scale {scale!r}; choose 'cpu' or 'paper'")
+CPU_RESNET10, CPU_RESNET18 = common.CPU_RESNET10, common.CPU_RESNET18
 
 
 def _homo(scale: str) -> Suite:
-    _check_scale("whitebox-homo", scale)
+    common.check_scale("whitebox-homo", scale)
     if scale == "cpu":
         zoo = ZooSpec(dataset="glyphs", n_models=20, ways=5, backbones=(CONV4,), recipes=(("*", CPU_RECIPE),), seed=0)
         scenarios = [Scenario(name="glyphs-conv4-5w1s", dataset="glyphs", zoo=zoo, access="whitebox", episodes=EPISODES_1SHOT,
@@ -55,7 +38,7 @@ def _homo(scale: str) -> Suite:
     else:
         scenarios = []
         for ds in ("cifar-fs", "mini-imagenet", "cub"):
-            zoo = _paper_zoo(ds, ("conv4",))
+            zoo = common.paper_zoo(ds, ("conv4",))
             for shots in (1, 5):
                 scenarios.append(Scenario(
                     name=f"{ds}-conv4-5w{shots}s", dataset=ds, zoo=zoo, access="whitebox",
@@ -67,13 +50,13 @@ def _homo(scale: str) -> Suite:
 
 
 def _hetero(scale: str) -> Suite:
-    _check_scale("whitebox-hetero", scale)
+    common.check_scale("whitebox-hetero", scale)
     if scale == "cpu":
         zoo = ZooSpec(dataset="glyphs", n_models=12, ways=5, backbones=(CONV4, CPU_RESNET10, CPU_RESNET18),
                       recipes=(("*", CPU_RECIPE),), seed=0)
         name, ds, desc = "glyphs-mixarch-5w1s", "glyphs", "white-box, 12 glyph models: 4 each of Conv4, ResNet-10, ResNet-18 (width 16)"
     else:
-        zoo = _paper_zoo("cifar-fs", ("conv4", "resnet10", "resnet18"))
+        zoo = common.paper_zoo("cifar-fs", ("conv4", "resnet10", "resnet18"))
         name, ds, desc = "cifar-fs-mixarch-5w1s", "cifar-fs", "white-box, 300 CIFAR-FS models: 100 each of Conv4, ResNet-10, ResNet-18 (FREE ma.sh)"
     return Suite(name="whitebox-hetero", scale=scale,
                  scenarios=[Scenario(name=name, dataset=ds, zoo=zoo, access="whitebox", episodes=EPISODES_1SHOT, description=desc)],
@@ -81,23 +64,15 @@ def _hetero(scale: str) -> Suite:
                  description="White-box DFML with a multi-architecture zoo (average is not defined across architectures).")
 
 
-def _multidomain_available(name: str) -> bool:
-    from ..datasets import dataset_names
-
-    return name in dataset_names()
-
-
 def _multidomain(scale: str) -> Suite:
-    _check_scale("whitebox-multidomain", scale)
+    common.check_scale("whitebox-multidomain", scale)
     ds = "glyphs-multidomain" if scale == "cpu" else "multidomain"
-    if not _multidomain_available(ds):
-        raise SuiteError(f"suite 'whitebox-multidomain' at {scale} scale needs the dataset {ds!r}, which is not registered "
-                         f"(entry-point group dfml_bench.datasets); install a dfml-bench version that provides it")
+    common.require_dataset("whitebox-multidomain", ds, scale)
     if scale == "cpu":
         zoo = ZooSpec(dataset=ds, n_models=20, ways=5, backbones=(CONV4,), recipes=(("*", CPU_RECIPE),), seed=0)
         desc = "white-box, 20 Conv4 models over the glyph domains, 5-way 1-shot, reported per domain"
     else:
-        zoo = _paper_zoo(ds, ("conv4",))
+        zoo = common.paper_zoo(ds, ("conv4",))
         desc = "white-box, 300 Conv4 models over CIFAR-FS + miniImageNet + CUB (FREE md.sh), reported per domain"
     return Suite(name="whitebox-multidomain", scale=scale,
                  scenarios=[Scenario(name=f"{ds}-conv4-5w1s", dataset=ds, zoo=zoo, access="whitebox", episodes=EPISODES_1SHOT,
