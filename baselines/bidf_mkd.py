@@ -1,5 +1,5 @@
 """``bidf-mkd``: Black-box Data-free Meta Knowledge Distillation (Hu et al., ICML 2023), from
-/work/shared/reference/bidf-mkd.md (sections 2, 6 and 7), with the reference code's bugs fixed.
+the project spec ``shared/reference/bidf-mkd.md`` (sections 2, 6 and 7), with the reference code's bugs fixed.
 
 One run: visit APIs in turn; at each visit recover a support set by training a freshly reset generator
 through the zero-order (ZO) gradient estimator, distil the API into the meta-learner with the bi-level

@@ -1,6 +1,6 @@
 """FREE: Faster and Better Data-Free Meta-Learning (Wei et al., CVPR 2024), white-box.
 
-Spec: /work/shared/reference/free-tgr.md sections 1, 2, 4, 6, 7. One training epoch:
+Spec: the project spec ``shared/reference/free-tgr.md`` sections 1, 2, 4, 6, 7. One training epoch:
 
 1. **FIVE** (Faster Inversion via meta-generator): draw ``teachers_per_epoch`` zoo models; for each,
    copy the meta-generator psi into fast weights and adapt them (and the latent codes) for
