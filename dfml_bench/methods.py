@@ -161,12 +161,9 @@ def method_registry() -> dict:
 
 def get_method(name: str, params: dict | None = None) -> Method:
     """Instantiate the registered method ``name`` with ``params``; unknown names list the valid ones."""
-    reg = method_registry()
-    if name not in reg:
-        raise MethodError(f"unknown method {name!r}; registered methods: {', '.join(sorted(reg))}")
-    entry = reg[name]
-    if entry.error is not None:
-        raise MethodError(f"method plugin {name!r} ({entry.value}) failed to import: {entry.error}")
+    from .registry import resolve
+
+    entry = resolve("dfml_bench.methods", name, MethodError, "method")
     cls = entry.obj
     if not (inspect.isclass(cls) and issubclass(cls, Method)):
         raise MethodError(f"entry point {name!r} -> {entry.value} is not a dfml_bench.methods.Method subclass")

@@ -60,3 +60,15 @@ def load_group(group: str) -> dict[str, Entry]:
         out[ep.name] = entry
     out.update(_LOCAL.get(group, {}))
     return out
+
+
+def resolve(group: str, name: str, error: type[Exception], kind: str) -> Entry:
+    """The loaded entry ``name`` of ``group``; ``error`` (listing the valid names) if it is unknown or
+    its plugin failed to import."""
+    reg = load_group(group)
+    if name not in reg:
+        raise error(f"unknown {kind} {name!r}; registered {kind}s: {', '.join(sorted(reg)) or '(none)'}")
+    entry = reg[name]
+    if entry.error is not None:
+        raise error(f"{kind} plugin {name!r} ({entry.value}) failed to import: {entry.error}; fix or uninstall it")
+    return entry

@@ -13,15 +13,6 @@ MEAN = (0.5, 0.4, 0.3)
 STD = (0.2, 0.25, 0.3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and immune to OpenMP spinning on a shared 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _spec(arch: str) -> BackboneSpec:
     return BackboneSpec(arch, 8 if arch == "conv4" else 4)  # small widths keep the tests fast
 

@@ -61,15 +61,6 @@ def meta_learner(ways: int = 3, seed: int = 0, arch: BackboneSpec = SPEC, track:
     return build_backbone(arch, ways, (3, SIZE, SIZE), (0.5,) * 3, (0.25,) * 3, track_running_stats=track, seed=seed)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and immune to OpenMP spinning on a shared 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def separable():
     ds = make_dataset("separable")

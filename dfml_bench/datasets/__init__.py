@@ -22,12 +22,9 @@ def dataset_names() -> list[str]:
 
 @lru_cache(maxsize=8)
 def _load_cached(name: str, seed: int, data_root: str | None, scale: str) -> ImageDataset:
-    reg = _registry()
-    if name not in reg:
-        raise DatasetError(f"unknown dataset {name!r}; known datasets: {', '.join(sorted(reg)) or '(none)'}")
-    entry = reg[name]
-    if entry.error is not None:
-        raise DatasetError(f"dataset plugin {name!r} failed to import: {entry.error}")
+    from ..registry import resolve
+
+    entry = resolve("dfml_bench.datasets", name, DatasetError, "dataset")
     builder = entry.obj() if isinstance(entry.obj, type) else entry.obj
     return builder.load(seed=seed, data_root=data_root, scale=scale)
 
