@@ -233,7 +233,9 @@ class BiDfMKD(Method):
 
     Deviations from the reference (all deliberate):
     - KD is the true KL at temperature ``kd_temperature`` (bug B1 fixed; ``faithful_kd_bug`` restores it).
-    - Model selection on meta-val episodes (``context.evaluate_val``), never on test (B2).
+    - Model selection on meta-val episodes (``context.evaluate_val``), never on test (B2); the
+      initialisation (iteration 0) is a candidate (``select_init``), so when meta-training on recovered
+      tasks does not improve meta-val, the selected meta-learner is the initialisation (best_iteration 0).
     - The API is queried once per KD set and cached (the reference re-queries identical images at each
       of the 10 inner steps, D8); the KD sets get one batch-level crop/flip as in the reference.
     - The q perturbations of a batch are ONE batched query; directions are drawn on the device (D9).
@@ -291,6 +293,7 @@ class BiDfMKD(Method):
     use_kd: bool = True
     use_memory_replay: bool = True
     faithful_kd_bug: bool = False
+    select_init: bool = True  # the initialisation (iteration 0) is a model-selection candidate
 
     def _hp(self, scale: str) -> dict:
         if scale not in _SCALE_DEFAULTS:
@@ -350,7 +353,10 @@ class BiDfMKD(Method):
 
         order: list[int] = []
         report = {"plan": plan, "visits": [], "val_curve": [], "meta_loss": [], "queries": counts, "stopped_by_budget": False}
-        best_acc, best_state = -1.0, copy.deepcopy(model.state_dict())
+        best_acc, best_state, best_it = -1.0, copy.deepcopy(model.state_dict()), 0
+        if self.select_init:  # the initialisation is a candidate too: selection never ends below it
+            best_acc = context.evaluate_val(model, hp["val_episodes"])
+            report["val_curve"].append((0, round(best_acc, 5)))
         params_fn = lambda: (dict(model.named_parameters()), dict(model.named_buffers()))  # noqa: E731
         kd = lambda s, t: kd_loss(s, t, self.kd_temperature, self.faithful_kd_bug)  # noqa: E731
         budget_done = False
@@ -421,10 +427,11 @@ class BiDfMKD(Method):
                     report["val_curve"].append((it + 1, round(acc, 5)))
                     bar.set_postfix_str(f"val {acc:.3f}")
                     if acc > best_acc:
-                        best_acc, best_state = acc, copy.deepcopy(model.state_dict())
+                        best_acc, best_state, best_it = acc, copy.deepcopy(model.state_dict()), it + 1
         bar.close()
         model.load_state_dict(best_state)
         report["best_val_acc"] = best_acc
+        report["best_iteration"] = best_it  # 0: no meta-iteration improved meta-val over the initialisation
         report["n_visits"] = n_visits
         report["memory_classes"] = len(memory.classes)
         report["memory_images"] = memory.n_images()

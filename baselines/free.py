@@ -37,7 +37,9 @@ Deliberate deviations from the reference code (each fix is switchable where a fl
   reference gradient at the last inner iterate);
 - replay stops on a plateau of the replay meta-LOSS (the reference tracks training accuracy), with a
   cap per epoch at cpu scale; meta-batch losses are averaged (Adam makes sum/mean equivalent);
-- selection on meta-val every ``val_every`` epochs, the test split is never seen (P2);
+- selection on meta-val every ``val_every`` epochs, the test split is never seen (P2); the
+  initialisation (epoch 0) is a candidate (``select_init``), so a run whose meta-training does not
+  improve meta-val returns its initialisation (``best_epoch`` 0 in the record);
 - warm-up epochs are counted separately: ``warmup`` generator-only epochs, then ``epochs`` full ones;
 - ``meta_latent=True`` (off by default) also meta-learns the initial latent codes (Reptile).
 
@@ -119,6 +121,7 @@ class FREE(Method):
     kd_temperature: float = 1.0
     # BELL-replay
     replay: bool = True
+    replay_tasks: str = "mixed"  # mixed: classes across models (reference) | per-model: one model's classes per task
     episode_batch: int | None = None
     patience: int | None = None
     max_replay_batches: int | None = None
@@ -129,9 +132,11 @@ class FREE(Method):
     # model selection
     val_every: int | None = None
     val_episodes: int | None = None
+    select_init: bool = True  # the initialisation (epoch 0) is a model-selection candidate
 
     _CHOICES = {"recovery": ("meta", "scratch"), "meta_gen_update": ("reptile", "fomaml"), "adv_mode": ("kl", "reference"),
-                "kd_mode": ("kl", "reference"), "align_inner": ("sgd", "adam"), "teacher_sampling": ("stratified", "uniform")}
+                "kd_mode": ("kl", "reference"), "align_inner": ("sgd", "adam"), "teacher_sampling": ("stratified", "uniform"),
+                "replay_tasks": ("mixed", "per-model")}
 
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
@@ -179,6 +184,9 @@ class FREE(Method):
         rep: dict[str, Any] = {"recovery_seconds": [], "teacher_acc": [], "val_curve": [], "replay_batches": [],
                                "warmup_recovery_seconds": [], "align_seconds": [], "replay_seconds": [], "drawn": []}
         best_acc, best_state, best_epoch = -1.0, None, None
+        if cfg["select_init"]:  # the initialisation is a candidate too: selection never ends below it
+            best_acc, best_state, best_epoch = context.evaluate_val(model, cfg["val_episodes"]), copy.deepcopy(model.state_dict()), 0
+            rep["val_curve"].append((0, best_acc))
         total = cfg["warmup"] + cfg["epochs"]
         bar = context.progress.bar(total, "free")
         for epoch in range(1, total + 1):
@@ -387,7 +395,8 @@ def replay(model: nn.Module, opt: torch.optim.Optimizer, memory: TaskMemory, con
     best, stale, n = float("inf"), 0, 0
     cap = cfg["max_replay_batches"]
     while cap is None or n < cap:
-        tasks = [memory.sample_task(spec.ways, spec.shots, spec.queries, g, context.device) for _ in range(cfg["episode_batch"])]
+        tasks = [memory.sample_task(spec.ways, spec.shots, spec.queries, g, context.device, per_source=cfg["replay_tasks"] == "per-model")
+                 for _ in range(cfg["episode_batch"])]
         loss = maml_step(model, opt, tasks, steps=cfg["inner_steps"], lr=cfg["inner_lr"], first_order=cfg["first_order"])
         n += 1
         if loss < best:

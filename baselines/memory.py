@@ -63,17 +63,38 @@ class TaskMemory:
     def can_sample(self, ways: int, per_class: int) -> bool:
         return sum(self.n_images(c) >= per_class for c in self._store) >= ways
 
+    def _images_from(self, cls: int, source: int) -> torch.Tensor:
+        bufs = [b for b, s in zip(self._store[int(cls)], self._source[int(cls)]) if s == source]
+        return torch.cat(bufs) if bufs else torch.zeros(0, dtype=torch.uint8)
+
     def sample_task(self, ways: int, shots: int, queries: int, generator: torch.Generator,
-                    device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                    device: str | torch.device = "cpu", *, per_source: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """An N-way task (support x, y, query x, y) drawn from the memory; images in [0, 1].
-        Classes need ``shots + queries`` images; if a class has fewer, images are drawn with replacement."""
-        eligible = [c for c in self.classes if self.n_images(c) > 0]
+        Classes need ``shots + queries`` images; if a class has fewer, images are drawn with replacement.
+
+        ``per_source=False`` (the references' interpolated tasks): classes drawn across every model's
+        batches. ``per_source=True``: one model (source) is drawn among those that stored at least
+        ``ways`` classes, and the task uses only that model's images, so no task can be solved by telling
+        apart which generator run produced an image."""
+        src = None
+        if per_source:
+            counts: dict[int, int] = {}
+            for c in self.classes:
+                for s in set(self._source[c]):
+                    counts[s] = counts.get(s, 0) + 1
+            ok = sorted(s for s, n in counts.items() if n >= ways)
+            if not ok:
+                raise ValueError(f"no model stored {ways} classes; a per-source {ways}-way task needs one")
+            src = ok[int(torch.randint(len(ok), (1,), generator=generator))]
+            eligible = [c for c in self.classes if src in self._source[c]]
+        else:
+            eligible = [c for c in self.classes if self.n_images(c) > 0]
         if len(eligible) < ways:
             raise ValueError(f"memory holds {len(eligible)} classes; a {ways}-way task needs {ways}")
         pick = torch.randperm(len(eligible), generator=generator)[:ways].tolist()
         sx, qx = [], []
         for c in (eligible[i] for i in pick):
-            imgs = self.class_images(c)
+            imgs = self.class_images(c) if src is None else self._images_from(c, src)
             n = shots + queries
             if len(imgs) >= n:
                 idx = torch.randperm(len(imgs), generator=generator)[:n]

@@ -1,14 +1,15 @@
-"""Build a white-box MethodContext for a suite scenario outside the runner (benchmarks / dev runs)."""
+"""Build a MethodContext for a suite scenario outside the runner (benchmarks / dev runs): white-box models,
+or metered in-process APIs for a black-box scenario."""
 
 from __future__ import annotations
 
 import torch
 
-from dfml_bench.access import WhiteBoxModel
+from dfml_bench.access import QueryMeter, WhiteBoxModel
 from dfml_bench.datasets import load_dataset
 from dfml_bench.evaluation import evaluate
 from dfml_bench.methods import MethodContext, Progress
-from dfml_bench.runner import make_backbone_factory, scenario_episodes
+from dfml_bench.runner import make_apis, make_backbone_factory, scenario_episodes
 from dfml_bench.scenarios import get_suite
 from dfml_bench.utils import derive_seed, make_generator
 from dfml_bench.zoo import build_zoo
@@ -23,16 +24,21 @@ def make_context(suite_name: str, scale: str = "cpu", seed: int = 0, method: str
     zoo = build_zoo(sc.zoo, ds, device=dev, progress=False, log=None)
     test_eps, val_eps = scenario_episodes(sc, ds, seed, None)
     wb = [WhiteBoxModel(zoo.load_model(i, dev), list(e.classes), e.arch, i, e.domain, ds.image_shape) for i, e in enumerate(zoo.entries)]
+    meter = QueryMeter(len(zoo.entries), total_budget=sc.budget_total, per_api_budget=sc.budget_per_api)
+    apis, _ = make_apis(zoo, sc, meter, dev, isolated=False)
+    if sc.access == "blackbox":
+        wb = None
 
     def evaluate_val(model, n=None):
         eps = val_eps if n is None else val_eps.subset(slice(0, n))
         return evaluate(model, ds, eps, sc.protocol, device=dev)
 
     ctx = MethodContext(
-        scenario_name=sc.name, access="whitebox", episode_spec=test_eps.spec, protocol=sc.protocol,
+        scenario_name=sc.name, access=sc.access, episode_spec=test_eps.spec, protocol=sc.protocol,
         make_backbone=make_backbone_factory(sc, ds, derive_seed("method", sc.name, method, seed), dev),
         val_episodes=val_eps, val_dataset=ds, device=dev, seed=seed,
         generator=make_generator(derive_seed("method-rng", sc.name, method, seed)), progress=Progress(log=log),
         scale=scale, image_shape=ds.image_shape, domains=sorted({e.domain for e in zoo.entries}),
-        _whitebox=wb, _apis=None, _evaluate_val=evaluate_val)
+        budget={"total": sc.budget_total, "per_api": sc.budget_per_api}, output_kind=sc.output_kind,
+        _whitebox=wb, _apis=apis, _evaluate_val=evaluate_val)
     return ctx, ds, zoo, test_eps, sc

@@ -111,6 +111,9 @@ def test_end_to_end_on_toy_within_budget_with_report_and_grid(tmp_path):
     assert ex["n_visits"] == 2 and ex["queries_total"] == rec.queries["total"] <= 10_000
     assert ex["queries"]["support"] > 0 and ex["queries"]["query"] > 0 and ex["queries"]["kd"] == 2 * 2 * 15
     assert ex["val_curve"] and 0 <= ex["best_val_acc"] <= 1
+    # the initialisation is evaluated first and is a selection candidate
+    assert ex["val_curve"][0][0] == 0 and ex["best_val_acc"] == pytest.approx(max(a for _, a in ex["val_curve"]), abs=1e-5)
+    assert ex["best_iteration"] in [i for i, _ in ex["val_curve"]]
     assert all(v["boundary"] for v in ex["visits"])
     assert (tmp_path / "toy-cpu" / "bb" / "bidf-mkd" / "seed-0-recovered.png").exists() or "recovered" in rec.artifacts
 

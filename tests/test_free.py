@@ -253,13 +253,13 @@ def test_free_fit_stores_every_models_batch_and_selects_on_val(toy_world):
     model = m.fit(make_ctx())
     mem = m.memory_
     # 2 post-warm-up epochs x 3 models: every model's batch is stored (the reference stores only the last)
-    assert len(m.report_["val_curve"]) == 2
+    assert [e for e, _ in m.report_["val_curve"]] == [0, 1, 2]  # the initialisation is evaluated too
     assert m.report_["tasks_recovered"] == 6
     drawn = m.report_["teachers_drawn"]
     assert [len(set(d)) for d in drawn] == [3, 3]  # 3 distinct models per epoch
     assert mem.sources() == {i for d in drawn for i in d}  # every drawn model reached the memory
     assert mem.n_images() == 6 * 5 * 4
-    assert isinstance(model, nn.Module) and m.report_["best_epoch"] in (1, 2)
+    assert isinstance(model, nn.Module) and m.report_["best_epoch"] in (0, 1, 2)
     assert 0.0 <= m.report_["teacher_acc_on_recovered"] <= 1.0 and m.report_["recovery_seconds_per_task"] > 0
     ref = FREE(**kw, store_all=False)
     ref.fit(make_ctx())
@@ -289,3 +289,49 @@ def test_scratch_inversion_recovers_what_the_teacher_recognises(toy_world):
                          teachers_per_epoch=2)
     m.fit(make_ctx("inversion"))
     assert m.report_["recovery"] == "scratch" and m.report_["tasks_recovered"] == 2
+
+
+def test_selection_returns_the_initialisation_when_training_never_improves_val(toy_world):
+    """Meta-val falls after epoch 0 -> the selected meta-learner is exactly the initialisation."""
+    _ds, _wb, make_ctx = toy_world
+    ctx = make_ctx()
+    calls = []
+
+    def falling_val(model, n=None):  # 0.9 for the first evaluation (epoch 0), 0.1 after
+        calls.append(n)
+        return torch.tensor([0.9 if len(calls) == 1 else 0.1])
+
+    ctx._evaluate_val = falling_val
+    m = FREE(epochs=2, warmup=0, per_class=2, nz=32, ngf=8, val_every=1, val_episodes=5, max_replay_batches=1, episode_batch=2)
+    model = m.fit(ctx)
+    init = make_ctx().make_backbone()
+    assert m.report_["best_epoch"] == 0 and len(calls) == 3
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), init.state_dict().values()))
+    # without the initialisation as a candidate, a trained epoch is returned
+    calls.clear()
+    m2 = FREE(epochs=2, warmup=0, per_class=2, nz=32, ngf=8, val_every=1, val_episodes=5, max_replay_batches=1, episode_batch=2,
+              select_init=False)
+    m2.fit(ctx)
+    assert m2.report_["best_epoch"] == 1
+
+
+def test_per_model_replay_tasks_use_one_models_images():
+    from baselines.memory import TaskMemory
+
+    mem = TaskMemory()
+    # model 0 knows classes 0-4 (images of value 0), model 1 classes 3-7 (value 255): classes 3, 4 are shared
+    y = torch.arange(5).repeat(4)
+    mem.add(torch.zeros(20, 1, 2, 2), y, [0, 1, 2, 3, 4], source=0)
+    mem.add(torch.ones(20, 1, 2, 2), y, [3, 4, 5, 6, 7], source=1)
+    g = torch.Generator().manual_seed(0)
+    seen = set()
+    for _ in range(30):
+        sx, _sy, qx, _qy = mem.sample_task(5, 1, 3, g, per_source=True)
+        vals = torch.cat([sx, qx]).unique()
+        assert len(vals) == 1  # every image of the task comes from one model
+        seen.add(float(vals))
+    assert seen == {0.0, 1.0}
+    mixed = {len(torch.cat(mem.sample_task(5, 1, 3, g)[::2]).unique()) for _ in range(30)}
+    assert 2 in mixed  # the reference's interpolated tasks do mix models
+    with pytest.raises(ValueError, match="per-source"):
+        TaskMemory().sample_task(5, 1, 1, g, per_source=True)
