@@ -50,6 +50,11 @@ class RunOptions:
     isolated_apis: bool = True  # serve black-box APIs from a separate process when available
 
 
+def init_seed(scenario_name: str, seed: int) -> int:
+    """Seed of the meta-learner initialisation of a (scenario, run seed), shared by every method."""
+    return derive_seed("meta-learner-init", scenario_name, seed)
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
@@ -166,7 +171,9 @@ def run_one(suite: Suite, scenario: Scenario, method_name: str, seed: int, opts:
             whitebox = [WhiteBoxModel(zoo.load_model(i, device), list(e.classes), e.arch, i, e.domain, dataset.image_shape)
                         for i, e in enumerate(zoo.entries)]
         apis, closer = make_apis(zoo, scenario, meter, device, opts.isolated_apis and scenario.access == "blackbox")
-        make_backbone = make_backbone_factory(scenario, dataset, derive_seed("method", scenario.name, method_name, seed), device)
+        # common random numbers: every method of a (scenario, seed) starts from the same meta-learner
+        # initialisation, so paired comparisons measure what the method learned, not initialisation luck
+        make_backbone = make_backbone_factory(scenario, dataset, init_seed(scenario.name, seed), device)
 
         def evaluate_val(model: nn.Module, n: int | None = None) -> torch.Tensor:
             eps = val_eps if n is None else val_eps.subset(slice(0, n))

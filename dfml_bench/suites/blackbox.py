@@ -27,8 +27,7 @@ CPU_RECIPE = getattr(common, "CPU_CONV4", TrainRecipe(epochs=12, optimizer="adam
 CPU_RESNET10, CPU_RESNET18 = common.CPU_RESNET10, common.CPU_RESNET18
 CPU_BUDGET = 100_000
 CPU_METHODS = ["random", "bidf-mkd", "oracle"]
-# the oracle (MAML on real meta-train data, not data-free) is an upper reference; shortened at cpu scale
-CPU_PARAMS = {"oracle": {"iterations": 100, "val_every": 50, "val_episodes": 60}}
+CPU_PARAMS = common.CPU_ORACLE
 PAPER_METHODS = ["random", "bidf-mkd", "oracle"]
 
 

@@ -72,3 +72,8 @@ def require_dataset(suite: str, dataset: str, scale: str) -> None:
     if dataset not in dataset_names():
         raise SuiteError(f"suite {suite!r} at {scale} scale needs the dataset {dataset!r}, which is not registered "
                          f"(entry-point group dfml_bench.datasets); install a dfml-bench version that provides it")
+
+
+# the oracle (MAML on real meta-train data, not data-free) is an upper reference; shortened at cpu scale so
+# a suite with its default methods stays within its time budget (same settings in every cpu suite)
+CPU_ORACLE = {"oracle": {"iterations": 100, "val_every": 50, "val_episodes": 60}}

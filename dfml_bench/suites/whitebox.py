@@ -34,7 +34,7 @@ def _homo(scale: str) -> Suite:
     if scale == "cpu":
         zoo = ZooSpec(dataset="glyphs", n_models=20, ways=5, backbones=(CONV4,), recipes=(("*", CPU_RECIPE),), seed=0)
         scenarios = [Scenario(name="glyphs-conv4-5w1s", dataset="glyphs", zoo=zoo, access="whitebox", episodes=EPISODES_1SHOT,
-                              description="white-box, 20 Conv4 glyph models (5 classes each), 5-way 1-shot")]
+                              method_params=common.CPU_ORACLE, description="white-box, 20 Conv4 glyph models (5 classes each), 5-way 1-shot")]
     else:
         scenarios = []
         for ds in ("cifar-fs", "mini-imagenet", "cub"):
@@ -59,7 +59,8 @@ def _hetero(scale: str) -> Suite:
         zoo = common.paper_zoo("cifar-fs", ("conv4", "resnet10", "resnet18"))
         name, ds, desc = "cifar-fs-mixarch-5w1s", "cifar-fs", "white-box, 300 CIFAR-FS models: 100 each of Conv4, ResNet-10, ResNet-18 (FREE ma.sh)"
     return Suite(name="whitebox-hetero", scale=scale,
-                 scenarios=[Scenario(name=name, dataset=ds, zoo=zoo, access="whitebox", episodes=EPISODES_1SHOT, description=desc)],
+                 scenarios=[Scenario(name=name, dataset=ds, zoo=zoo, access="whitebox", episodes=EPISODES_1SHOT, description=desc,
+                                     method_params=common.CPU_ORACLE if scale == "cpu" else {})],
                  methods=["random", "oracle", "free"], seeds=[0], leaderboard_seeds=[0, 1, 2],
                  description="White-box DFML with a multi-architecture zoo (average is not defined across architectures).")
 
@@ -76,7 +77,7 @@ def _multidomain(scale: str) -> Suite:
         desc = "white-box, 300 Conv4 models over CIFAR-FS + miniImageNet + CUB (FREE md.sh), reported per domain"
     return Suite(name="whitebox-multidomain", scale=scale,
                  scenarios=[Scenario(name=f"{ds}-conv4-5w1s", dataset=ds, zoo=zoo, access="whitebox", episodes=EPISODES_1SHOT,
-                                     description=desc)],
+                                     description=desc, method_params=common.CPU_ORACLE if scale == "cpu" else {})],
                  methods=list(CPU_METHODS), seeds=[0], leaderboard_seeds=[0, 1, 2],
                  description="White-box DFML with a multi-domain zoo, accuracy per domain.")
 
