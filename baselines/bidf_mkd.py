@@ -295,6 +295,8 @@ class BiDfMKD(Method):
     faithful_kd_bug: bool = False
     select_init: bool = True  # the initialisation (iteration 0) is a model-selection candidate
 
+    ablation_switches = ("use_zo_recovery", "use_boundary", "use_kd", "use_memory_replay", "faithful_kd_bug")
+
     def _hp(self, scale: str) -> dict:
         if scale not in _SCALE_DEFAULTS:
             raise MethodError(f"bidf-mkd has defaults for scales {sorted(_SCALE_DEFAULTS)}, got {scale!r}")

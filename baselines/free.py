@@ -143,6 +143,8 @@ class FREE(Method):
     val_episodes: int | None = None
     select_init: bool = True  # the initialisation (epoch 0) is a model-selection candidate
 
+    ablation_switches = ("align", "replay", "memory", "store_all")
+
     _CHOICES = {"recovery": ("meta", "scratch"), "meta_gen_update": ("reptile", "fomaml"), "adv_mode": ("kl", "reference"),
                 "kd_mode": ("kl", "reference"), "align_inner": ("sgd", "adam"), "teacher_sampling": ("stratified", "uniform"),
                 "replay_tasks": ("mixed", "per-model")}

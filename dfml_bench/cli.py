@@ -133,6 +133,51 @@ def run(suite_name, scale, methods, seeds, episodes, device, out, data_root, qui
 
 
 @main.command()
+@click.option("--suite", "suite_name", required=True, help="suite whose scenarios the variants run on")
+@click.option("--method", required=True, help="method to ablate (its ablation_switches, or --switches)")
+@click.option("--switches", help="comma-separated boolean parameters to flip one at a time (default: the method's)")
+@click.option("--scale", type=click.Choice(["cpu", "paper"]), default="cpu", show_default=True)
+@click.option("--seeds", default="0", show_default=True, help="comma-separated seeds")
+@click.option("--set", "overrides", multiple=True, help="KEY=VALUE parameter applied to every variant (JSON values)")
+@click.option("--episodes", type=click.IntRange(min=1), help="number of test episodes (default: the scenario's)")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("results"), show_default=True)
+@click.option("--quiet", is_flag=True)
+def ablate(suite_name, method, switches, scale, seeds, overrides, episodes, device, out, quiet) -> None:
+    """Run METHOD with each component switched off in turn (records under OUT/ablations/) and print the
+    table of differences to the full method on the same test episodes."""
+    import json
+
+    from .ablation import ABLATIONS_DIR, ablation_table, run_ablation
+    from .methods import MethodError
+    from .runner import RunOptions
+    from .scenarios import SuiteError, get_suite
+
+    try:
+        suite = get_suite(suite_name, scale)
+        params = {}
+        for kv in overrides:
+            if "=" not in kv:
+                raise click.BadParameter(f"--set expects KEY=VALUE, got {kv!r}")
+            k, v = kv.split("=", 1)
+            try:
+                params[k] = json.loads(v)
+            except json.JSONDecodeError:
+                params[k] = v
+        opts = RunOptions(out=out, device=device, episodes=episodes, progress=not quiet, log=None if quiet else click.echo,
+                          method_params={method: params})
+        paths = run_ablation(suite, method, [int(s) for s in _split(seeds) or [0]], opts, _split(switches))
+        table = ablation_table(paths)
+    except (ValueError, KeyError, MethodError, SuiteError) as exc:
+        _fail(exc)
+    dest = out / ABLATIONS_DIR / f"{suite.name}-{scale}-{method}.md"
+    dest.write_text(f"# Ablation of {method} on {suite.name} ({scale}), seeds {seeds}\n\n"
+                    f"Parameters of every variant: {params or 'defaults'}\n\n{table}\n")
+    click.echo(table)
+    click.echo(f"wrote {dest}")
+
+
+@main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
 @click.option("--all", "show_all", is_flag=True, help="list done jobs too (default: only counts for them)")
 def status(run_dir, show_all) -> None:

@@ -113,6 +113,7 @@ class Method:
     output_kinds: ClassVar[frozenset[str]] = frozenset({"logits", "probs", "topk", "label"})  # black-box outputs it accepts
     not_data_free: ClassVar[bool] = False  # True only for references that train on real data (oracle)
     description: ClassVar[str] = ""
+    ablation_switches: ClassVar[tuple[str, ...]] = ()  # boolean parameters `dfml-bench ablate` flips one at a time
 
     def __init__(self, **params: Any) -> None:
         unknown = set(params) - set(self.get_params())
@@ -135,7 +136,7 @@ class Method:
             for n, v in vars(klass).items():
                 if n.startswith("_") or callable(v) or isinstance(v, (classmethod, staticmethod, property)):
                     continue
-                if n in ("name", "access", "output_kinds", "not_data_free", "description"):
+                if n in Method.__dict__:  # name, access, output_kinds, not_data_free, description, ablation_switches
                     continue
                 out[n] = getattr(self, n, v)
         return out

@@ -89,7 +89,10 @@ def is_finished(out: str | Path, key: RunKey) -> bool:
 
 
 def iter_records(root: str | Path) -> list[Path]:
-    return sorted(p for p in Path(root).rglob("seed-*.json") if not p.name.startswith("."))
+    """Record files under ``root``, skipping ``ablations/`` (variants of a method, see ablation.py)."""
+    root = Path(root)
+    return sorted(p for p in root.rglob("seed-*.json")
+                  if not p.name.startswith(".") and "ablations" not in p.relative_to(root).parts)
 
 
 def package_versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
