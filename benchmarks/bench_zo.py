@@ -6,6 +6,12 @@ separately (q + 1 queries of B images), as a naive implementation (or one API ca
 would. Both compute the same estimate; the ratio of their throughputs is printed.
 
     python benchmarks/bench_zo.py [--arch conv4] [--batch 1,25] [--q 8,100] [--repeats 5] [--threads 2]
+    python benchmarks/bench_zo.py --api isolated   # through the process-isolated API server (real runs)
+
+``--api inprocess`` (default) times the estimator against an API in this process: it isolates the
+cost of the extra forward passes. ``--api isolated`` serves a Conv4 model of the cpu smoke zoo from the
+isolated server that every black-box run uses, so each query also pays its round trip (request,
+shared-memory copy, reply): the setting the batching is for.
 """
 
 from __future__ import annotations
@@ -44,14 +50,32 @@ def main() -> None:
     ap.add_argument("--q", default="8,100", help="comma-separated numbers of directions (8: cpu scale; 100: the reference)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--api", choices=["inprocess", "isolated"], default="inprocess")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     width = args.width or (32 if args.arch == "conv4" else 16)
-    model = build_backbone(BackboneSpec(args.arch, width), 5, (3, 32, 32), track_running_stats=True, seed=0).eval()
-    api = InProcessAPI(model, APIInfo(0, 5, tuple(range(5)), (3, 32, 32)), QueryMeter(1))
-    for batch in (int(b) for b in args.batch.split(",")):
-        for q in (int(v) for v in args.q.split(",")):
-            run_one(api, batch, q, args, width)
+    closer = lambda: None  # noqa: E731
+    if args.api == "isolated":
+        from dfml_bench.datasets import load_dataset
+        from dfml_bench.runner import make_apis
+        from dfml_bench.scenarios import get_suite
+        from dfml_bench.zoo import build_zoo
+
+        sc = get_suite("smoke", "cpu").scenario("bb-glyphs-conv4-5w1s")
+        ds = load_dataset(sc.dataset, seed=sc.dataset_seed, scale="cpu")
+        zoo = build_zoo(sc.zoo, ds, progress=False)
+        apis, closer = make_apis(zoo, sc, QueryMeter(len(zoo.entries)), torch.device("cpu"), isolated=True)
+        api, args.arch, width = apis[0], zoo.entries[0].arch, zoo.entries[0].width if hasattr(zoo.entries[0], "width") else 32
+    else:
+        model = build_backbone(BackboneSpec(args.arch, width), 5, (3, 32, 32), track_running_stats=True, seed=0).eval()
+        api = InProcessAPI(model, APIInfo(0, 5, tuple(range(5)), (3, 32, 32)), QueryMeter(1))
+    print(f"API: {args.api} ({type(api).__name__})")
+    try:
+        for batch in (int(b) for b in args.batch.split(",")):
+            for q in (int(v) for v in args.q.split(",")):
+                run_one(api, batch, q, args, width)
+    finally:
+        closer()
 
 
 def run_one(api, batch: int, q: int, args, width: int) -> None:
