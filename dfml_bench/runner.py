@@ -76,14 +76,21 @@ def scenario_episodes(scenario: Scenario, dataset: ImageDataset, seed: int, n_te
 
 
 def make_backbone_factory(scenario: Scenario, dataset: ImageDataset, seed: int, device: torch.device) -> Callable[[], nn.Module]:
-    """A factory of fresh meta-learners; the k-th call is initialised from seed (seed, k), so it is deterministic."""
+    """A factory of fresh meta-learners; the k-th call is initialised from seed (seed, k), so it is
+    deterministic. The head's bias starts at 0 (as the reference ``random`` baseline), for every method,
+    so that all methods of a (scenario, seed) share one starting point."""
     counter = {"k": 0}
 
     def make() -> nn.Module:
         with seeded_torch(derive_seed("backbone-init", seed, counter["k"])):
             counter["k"] += 1
-            return build_backbone(scenario.backbone, scenario.episodes.ways, dataset.image_shape, dataset.mean, dataset.std,
-                                  track_running_stats=False).to(device)
+            model = build_backbone(scenario.backbone, scenario.episodes.ways, dataset.image_shape, dataset.mean, dataset.std,
+                                   track_running_stats=False).to(device)
+        head = getattr(model, "head", None)
+        if isinstance(head, nn.Linear) and head.bias is not None:
+            with torch.no_grad():
+                head.bias.zero_()
+        return model
 
     return make
 

@@ -117,3 +117,16 @@ def test_cli_list():
     assert res.exit_code == 0
     for name in ("smoke", "random", "average", "oracle", "glyphs"):
         assert name in res.output
+
+
+def test_every_method_starts_from_the_same_initialisation(first_run, tmp_path):
+    """Common random numbers: FREE with no training epoch returns its initialisation (selection keeps
+    epoch 0), which must be random's meta-learner exactly: identical per-episode accuracies."""
+    out, recs = first_run
+    rnd = next(r for r in recs if r.key.scenario == "wb" and r.key.method == "random")
+    suite = toy_suite()
+    rec = run_one(suite, suite.scenario("wb"), "free", 0,
+                  RunOptions(out=tmp_path, progress=False, method_params={"free": {"epochs": 0, "warmup": 0, "val_episodes": 5}}))
+    assert rec.status == "ok", rec.error
+    assert rec.extra["best_epoch"] == 0
+    assert rec.per_episode == rnd.per_episode
