@@ -178,6 +178,40 @@ def ablate(suite_name, method, switches, scale, seeds, overrides, episodes, devi
 
 
 @main.command()
+@click.option("--method", required=True, help="the method under test")
+@click.option("--against", required=True, help="comma-separated methods to compare it with")
+@click.option("--results", type=click.Path(file_okay=False, exists=True, path_type=Path), default=Path("results"), show_default=True)
+@click.option("--suite", "suite_name", help="only this suite")
+@click.option("--alpha", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.01, show_default=True)
+@click.option("--bootstrap", "n_boot", type=click.IntRange(min=100), default=10_000, show_default=True)
+def compare(method, against, results, suite_name, alpha, n_boot) -> None:
+    """METHOD against each of AGAINST, seed by seed (each seed's frozen episodes) and pooled: mean
+    difference, bootstrap CI, paired Wilcoxon-Pratt and t p-values; says whether METHOD wins in every seed."""
+    from tabulate import tabulate
+
+    from .results import iter_records, read_record
+    from .stats import compare_per_seed
+
+    recs = [read_record(p) for p in iter_records(results)]
+    recs = [r for r in recs if suite_name is None or r.key.suite == suite_name]
+    found = False
+    for other in _split(against) or []:
+        for c in compare_per_seed(recs, method, other, n_boot=n_boot):
+            found = True
+            rows = [[f"seed {s}", f"{100 * t.mean_diff:+.2f}", f"[{100 * t.ci_low:+.2f}, {100 * t.ci_high:+.2f}]",
+                     f"{t.p_wilcoxon:.2g}", f"{t.p_ttest:.2g}", t.n] for s, t in sorted(c.per_seed.items())]
+            t = c.pooled
+            rows.append(["pooled", f"{100 * t.mean_diff:+.2f}", f"[{100 * t.ci_low:+.2f}, {100 * t.ci_high:+.2f}]",
+                         f"{t.p_wilcoxon:.2g}", f"{t.p_ttest:.2g}", t.n])
+            click.echo(f"\n{c.scenario}: {method} - {other} (percentage points)")
+            click.echo(tabulate(rows, headers=["", "diff", "95% CI", "p Wilcoxon", "p t", "episodes"], disable_numparse=True))
+            verdict = "yes" if c.wins_every_seed(alpha) else "no"
+            click.echo(f"{method} better than {other} in every seed, both tests p < {alpha}: {verdict}")
+    if not found:
+        raise click.ClickException(f"no scenario under {results} has ok records of both {method!r} and one of {against!r}")
+
+
+@main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
 @click.option("--all", "show_all", is_flag=True, help="list done jobs too (default: only counts for them)")
 def status(run_dir, show_all) -> None:

@@ -486,3 +486,38 @@ def group_by_scenario(records: Iterable[ResultRecord]) -> dict[tuple[str, str], 
         if r.status == "ok":
             out[(r.key.suite, r.key.scale)][r.key.scenario].append(r)
     return {k: dict(v) for k, v in sorted(out.items())}
+
+
+# ------------------------------------------------------------------------------------------ per seed
+
+
+@dataclass
+class SeedComparison:
+    """Method A vs method B within one scenario, per training seed and pooled (d = A - B)."""
+
+    scenario: str
+    method: str
+    against: str
+    per_seed: dict[int, PairedTest]
+    pooled: PairedTest
+
+    def wins_every_seed(self, alpha: float = 0.01) -> bool:
+        """A is better than B in every seed with BOTH paired tests below ``alpha`` (uncorrected)."""
+        return bool(self.per_seed) and all(t.mean_diff > 0 and t.p_wilcoxon < alpha and t.p_ttest < alpha
+                                           for t in self.per_seed.values())
+
+
+def compare_per_seed(records: Iterable[ResultRecord], method: str, against: str, *, n_boot: int = 10_000) -> list[SeedComparison]:
+    """For every scenario where both methods have ``ok`` records: paired tests of ``method`` against
+    ``against`` seed by seed (each seed's own frozen episodes) and pooled over seeds (bootstrap within seeds)."""
+    out = []
+    for (_suite, _scale), scenarios in group_by_scenario(records).items():
+        for scenario, recs in sorted(scenarios.items()):
+            a = [r for r in recs if r.key.method == method]
+            b = [r for r in recs if r.key.method == against]
+            if not a or not b:
+                continue
+            xa, xb, strata = paired_arrays(a, b)
+            per = {int(s): compare_paired(xa[strata == s], xb[strata == s], n_boot=n_boot) for s in np.unique(strata)}
+            out.append(SeedComparison(scenario, method, against, per, compare_paired(xa, xb, strata, n_boot=n_boot)))
+    return out

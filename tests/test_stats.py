@@ -199,3 +199,43 @@ def test_suite_ranks_small_cases_are_graceful(tmp_path):
 def test_cd_cliques():
     cl = cd_cliques({"a": 1.0, "b": 1.5, "c": 2.4, "d": 3.9}, cd=1.0)
     assert cl == [["a", "b"], ["b", "c"]]
+
+
+def test_compare_per_seed_tests_each_seed_on_its_own_episodes():
+    from dfml_bench.stats import compare_per_seed
+
+    rng = np.random.default_rng(0)
+    recs = []
+    for seed, gain in ((0, 0.10), (1, 0.08), (2, 0.0)):  # A clearly better in seeds 0 and 1, equal in seed 2
+        base = episodes(rng, p=0.3)
+        better = np.clip(base + gain * (rng.random(600) < 0.9), 0, 1) if gain else base
+        recs += [rec("A", better, seed=seed, ep_hash=f"h{seed}"), rec("B", base, seed=seed, ep_hash=f"h{seed}")]
+    (c,) = compare_per_seed(recs, "A", "B", n_boot=500)
+    assert sorted(c.per_seed) == [0, 1, 2]
+    assert c.per_seed[0].p_wilcoxon < 1e-6 and c.per_seed[0].mean_diff > 0
+    assert c.per_seed[2].p_wilcoxon == 1.0 and c.per_seed[2].mean_diff == 0  # identical seed: p = 1
+    assert c.pooled.n == 1800 and c.pooled.p_ttest < 1e-6
+    assert not c.wins_every_seed(0.01)  # seed 2 is a tie
+    (c01,) = compare_per_seed([r for r in recs if r.key.seed < 2], "A", "B", n_boot=500)
+    assert c01.wins_every_seed(0.01)
+    # the reverse comparison never "wins"
+    assert not compare_per_seed(recs, "B", "A", n_boot=500)[0].wins_every_seed(0.5)
+
+
+def test_compare_cli_prints_per_seed_rows_and_verdict(tmp_path):
+    from click.testing import CliRunner
+
+    from dfml_bench.cli import main
+    from dfml_bench.results import write_record
+
+    rng = np.random.default_rng(1)
+    for seed in (0, 1):
+        base = episodes(rng, p=0.3)
+        write_record(tmp_path, rec("A", np.clip(base + 0.1, 0, 1), seed=seed, ep_hash=f"h{seed}"))
+        write_record(tmp_path, rec("B", base, seed=seed, ep_hash=f"h{seed}"))
+    r = CliRunner().invoke(main, ["compare", "--method", "A", "--against", "B", "--results", str(tmp_path), "--bootstrap", "200"])
+    assert r.exit_code == 0, r.output
+    assert "seed 0" in r.output and "seed 1" in r.output and "pooled" in r.output and "+10.00" in r.output
+    assert "in every seed, both tests p < 0.01: yes" in r.output
+    bad = CliRunner().invoke(main, ["compare", "--method", "A", "--against", "C", "--results", str(tmp_path)])
+    assert bad.exit_code != 0 and "no scenario" in bad.output
