@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--scratch-iterations", type=int, default=200)
     ap.add_argument("--meta-learner", type=int, default=0, help="MAML meta-batches trained on each memory (0: skip)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--w-bn", type=float, default=None, help="BN-statistics weight (default: FREE's at this scale)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -59,7 +60,10 @@ def main(argv: list[str] | None = None) -> dict:
     g = ctx.generator
     c, h, _ = ctx.image_shape
     y = target_labels(ways, cfg["per_class"])
-    w = LossWeights()  # CE only: no student exists outside a FREE run (BN weight 0 as the reference)
+    # FREE's configured loss at this scale (cpu: CE + BN-statistics matching; paper: CE as the reference);
+    # no adversarial term: there is no student outside a FREE run
+    w = LossWeights(ce=cfg["w_ce"], adv=0.0, bn=cfg["w_bn"] if args.w_bn is None else args.w_bn)
+    print(f"inversion loss: CE x {w.ce} + BN-statistics x {w.bn}")
 
     # 1. meta-train the meta-generator on the first half of the zoo (FREE's warm-up)
     meta = Generator(nz=cfg["nz"], ngf=cfg["ngf"], img_size=h, channels=c)
