@@ -251,7 +251,8 @@ class BiDfMKD(Method):
       supported: a hard label is piecewise constant, so ZO finite differences vanish almost everywhere.
     - ``cpu`` scale uses a half-width generator (ngf 32): at 32 px with few directions its forward and
       backward cost more than the (q + 1) API queries.
-    - The head bias of the meta-learner starts at 0 (as ``random`` and the authors' TDRM code).
+    - The head bias of the meta-learner starts at 0 (as the authors' TDRM code); the harness's
+      initialisation does this for every method.
 
     What the ``cpu`` budget buys (measured on one Conv4 glyph API, recorded in the issue-5 note): at the
     plan's q = 8 and 20 iterations (4,500 queries per set) the API labels the recovered set at chance
@@ -330,10 +331,7 @@ class BiDfMKD(Method):
         ways = spec.ways
         image_shape = tuple(context.image_shape)
 
-        model = context.make_backbone()
-        with torch.no_grad():
-            if isinstance(getattr(model, "head", None), nn.Linear) and model.head.bias is not None:
-                model.head.bias.zero_()
+        model = context.make_backbone()  # head bias 0, as every method's initialisation (runner)
         opt = torch.optim.Adam(model.parameters(), lr=hp["outer_lr"])
         memory = TaskMemory(max_batches_per_class=self.memory_batches_per_class)
         counts: dict[str, int] = {"support": 0, "query": 0, "kd": 0}

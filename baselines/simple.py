@@ -16,10 +16,7 @@ class RandomInit(Method):
     description = "fresh initialisation; no model of the zoo is used"
 
     def fit(self, context: MethodContext) -> nn.Module:
-        model = context.make_backbone()
-        with torch.no_grad():
-            model.head.bias.zero_()
-        return model
+        return context.make_backbone()  # the shared initialisation: head bias 0 (runner.make_backbone_factory)
 
 
 class Average(Method):

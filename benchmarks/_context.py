@@ -23,11 +23,12 @@ def make_context(suite_name: str, scale: str = "cpu", seed: int = 0, method: str
     ds = load_dataset(sc.dataset, seed=sc.dataset_seed, scale=scale)
     zoo = build_zoo(sc.zoo, ds, device=dev, progress=False, log=None)
     test_eps, val_eps = scenario_episodes(sc, ds, seed, None)
-    wb = [WhiteBoxModel(zoo.load_model(i, dev), list(e.classes), e.arch, i, e.domain, ds.image_shape) for i, e in enumerate(zoo.entries)]
+    wb = None
+    if sc.access == "whitebox":
+        wb = [WhiteBoxModel(zoo.load_model(i, dev), list(e.classes), e.arch, i, e.domain, ds.image_shape)
+              for i, e in enumerate(zoo.entries)]
     meter = QueryMeter(len(zoo.entries), total_budget=sc.budget_total, per_api_budget=sc.budget_per_api)
     apis, _ = make_apis(zoo, sc, meter, dev, isolated=False)
-    if sc.access == "blackbox":
-        wb = None
 
     def evaluate_val(model, n=None):
         eps = val_eps if n is None else val_eps.subset(slice(0, n))

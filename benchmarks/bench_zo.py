@@ -65,7 +65,7 @@ def main() -> None:
         ds = load_dataset(sc.dataset, seed=sc.dataset_seed, scale="cpu")
         zoo = build_zoo(sc.zoo, ds, progress=False)
         apis, closer = make_apis(zoo, sc, QueryMeter(len(zoo.entries)), torch.device("cpu"), isolated=True)
-        api, args.arch, width = apis[0], zoo.entries[0].arch, zoo.entries[0].width if hasattr(zoo.entries[0], "width") else 32
+        api, args.arch, width = apis[0], zoo.entries[0].arch, zoo.entries[0].width
     else:
         model = build_backbone(BackboneSpec(args.arch, width), 5, (3, 32, 32), track_running_stats=True, seed=0).eval()
         api = InProcessAPI(model, APIInfo(0, 5, tuple(range(5)), (3, 32, 32)), QueryMeter(1))

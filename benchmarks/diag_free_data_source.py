@@ -33,6 +33,7 @@ import baselines.free as free_mod  # noqa: E402
 from baselines.inversion import LossWeights, invert_from_scratch  # noqa: E402
 from benchmarks._context import make_context  # noqa: E402
 from dfml_bench.methods import get_method  # noqa: E402
+from dfml_bench.utils import parse_params  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -46,13 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    params = {"epochs": args.epochs}
-    for kv in args.sets:
-        k, v = kv.split("=", 1)
-        try:
-            params[k] = json.loads(v)
-        except json.JSONDecodeError:
-            params[k] = v
+    params = {"epochs": args.epochs, **parse_params(args.sets)}
     if args.source != "meta":
         params.setdefault("warmup", 0)  # no meta-generator to warm up
     ctx, ds, _zoo, _test, _sc = make_context(args.suite, "cpu", args.seed, method="free", log=None)

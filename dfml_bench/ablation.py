@@ -17,12 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from .methods import MethodError, get_method
-from .results import ResultRecord, read_record
+from .results import ABLATIONS_DIR, ResultRecord, RunKey, is_finished, read_record
 from .runner import RunOptions, run_one
 from .scenarios import Suite
 from .stats import compare_paired, holm, mean_ci
-
-ABLATIONS_DIR = "ablations"
 
 
 @dataclass(frozen=True)
@@ -34,7 +32,7 @@ class Variant:
 def variants_of(method: str, switches: list[str] | None = None) -> list[Variant]:
     """The full method plus one variant per switch turned off (``switches`` default: the method's own)."""
     m = get_method(method)
-    declared = list(getattr(m, "ablation_switches", ()))
+    declared = list(m.ablation_switches)
     switches = declared if switches is None else switches
     if not switches:
         raise MethodError(f"method {method!r} declares no ablation_switches; pass the boolean parameters to switch off")
@@ -59,8 +57,6 @@ def run_ablation(suite: Suite, method: str, seeds: list[int], opts: RunOptions, 
         paths = []
         for sc in suite.scenarios:
             for seed in seeds:
-                from .results import RunKey, is_finished
-
                 key = RunKey(suite.name, suite.scale, sc.name, method, seed)
                 if not is_finished(vopts.out, key):
                     if opts.log:

@@ -146,24 +146,16 @@ def run(suite_name, scale, methods, seeds, episodes, device, out, data_root, qui
 def ablate(suite_name, method, switches, scale, seeds, overrides, episodes, device, out, quiet) -> None:
     """Run METHOD with each component switched off in turn (records under OUT/ablations/) and print the
     table of differences to the full method on the same test episodes."""
-    import json
-
-    from .ablation import ABLATIONS_DIR, ablation_table, run_ablation
+    from .ablation import ablation_table, run_ablation
     from .methods import MethodError
+    from .results import ABLATIONS_DIR
     from .runner import RunOptions
     from .scenarios import SuiteError, get_suite
+    from .utils import parse_params
 
     try:
         suite = get_suite(suite_name, scale)
-        params = {}
-        for kv in overrides:
-            if "=" not in kv:
-                raise click.BadParameter(f"--set expects KEY=VALUE, got {kv!r}")
-            k, v = kv.split("=", 1)
-            try:
-                params[k] = json.loads(v)
-            except json.JSONDecodeError:
-                params[k] = v
+        params = parse_params(overrides)
         opts = RunOptions(out=out, device=device, episodes=episodes, progress=not quiet, log=None if quiet else click.echo,
                           method_params={method: params})
         paths = run_ablation(suite, method, [int(s) for s in _split(seeds) or [0]], opts, _split(switches))
@@ -198,11 +190,9 @@ def compare(method, against, results, suite_name, alpha, n_boot) -> None:
     for other in _split(against) or []:
         for c in compare_per_seed(recs, method, other, n_boot=n_boot):
             found = True
-            rows = [[f"seed {s}", f"{100 * t.mean_diff:+.2f}", f"[{100 * t.ci_low:+.2f}, {100 * t.ci_high:+.2f}]",
-                     f"{t.p_wilcoxon:.2g}", f"{t.p_ttest:.2g}", t.n] for s, t in sorted(c.per_seed.items())]
-            t = c.pooled
-            rows.append(["pooled", f"{100 * t.mean_diff:+.2f}", f"[{100 * t.ci_low:+.2f}, {100 * t.ci_high:+.2f}]",
-                         f"{t.p_wilcoxon:.2g}", f"{t.p_ttest:.2g}", t.n])
+            labelled = [(f"seed {s}", t) for s, t in sorted(c.per_seed.items())] + [("pooled", c.pooled)]
+            rows = [[label, f"{100 * t.mean_diff:+.2f}", f"[{100 * t.ci_low:+.2f}, {100 * t.ci_high:+.2f}]",
+                     f"{t.p_wilcoxon:.2g}", f"{t.p_ttest:.2g}", t.n] for label, t in labelled]
             click.echo(f"\n{c.scenario}: {method} - {other} (percentage points)")
             click.echo(tabulate(rows, headers=["", "diff", "95% CI", "p Wilcoxon", "p t", "episodes"], disable_numparse=True))
             verdict = "yes" if c.wins_every_seed(alpha) else "no"

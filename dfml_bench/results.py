@@ -88,11 +88,14 @@ def is_finished(out: str | Path, key: RunKey) -> bool:
         return False
 
 
+ABLATIONS_DIR = "ablations"  # variants of a method (ablation.py): never read as records of the method
+
+
 def iter_records(root: str | Path) -> list[Path]:
-    """Record files under ``root``, skipping ``ablations/`` (variants of a method, see ablation.py)."""
+    """Record files under ``root``, skipping ``ablations/``."""
     root = Path(root)
     return sorted(p for p in root.rglob("seed-*.json")
-                  if not p.name.startswith(".") and "ablations" not in p.relative_to(root).parts)
+                  if not p.name.startswith(".") and ABLATIONS_DIR not in p.relative_to(root).parts)
 
 
 def package_versions(extra: tuple[str, ...] = ()) -> dict[str, str]:

@@ -12,6 +12,21 @@ from typing import Any
 import torch
 
 
+def parse_params(pairs) -> dict[str, Any]:
+    """``["k=v", ...]`` -> ``{k: v}``, each value read as JSON when it parses (numbers, booleans, quoted
+    strings), else kept as the raw string. A pair without ``=`` is a ``ValueError``."""
+    out: dict[str, Any] = {}
+    for kv in pairs:
+        if "=" not in kv:
+            raise ValueError(f"expected KEY=VALUE, got {kv!r}")
+        k, v = kv.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
