@@ -89,13 +89,15 @@ def is_finished(out: str | Path, key: RunKey) -> bool:
 
 
 ABLATIONS_DIR = "ablations"  # variants of a method (ablation.py): never read as records of the method
+ARCHIVE_DIR = "archive"  # records of retired suite definitions (e.g. the cpu proxy before issue 12): kept, never ranked
 
 
 def iter_records(root: str | Path) -> list[Path]:
-    """Record files under ``root``, skipping ``ablations/``."""
+    """Record files under ``root``, skipping ``ablations/`` and ``archive/``."""
     root = Path(root)
+    skip = {ABLATIONS_DIR, ARCHIVE_DIR}
     return sorted(p for p in root.rglob("seed-*.json")
-                  if not p.name.startswith(".") and ABLATIONS_DIR not in p.relative_to(root).parts)
+                  if not p.name.startswith(".") and not skip.intersection(p.relative_to(root).parts))
 
 
 def package_versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
