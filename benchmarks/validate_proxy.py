@@ -5,8 +5,9 @@ initialisation on tasks drawn from one of these per-teacher image banks, and its
 is printed along training (test episodes are never used):
 
 - ``real``: real meta-train images of each teacher's classes (perfect recovery; not data-free);
-- ``inversion``: exact white-box inversions of each teacher (a fresh generator per teacher, CE + BN
-  statistics matching, :func:`baselines.inversion.invert_from_scratch`);
+- ``inversion``: exact white-box inversions of each teacher (DeepInversion in pixel space: CE + BN
+  statistics matching + total variation, :func:`baselines.inversion.deep_inversion`; the teachers
+  label them as their targets about 99 % of the time);
 - ``placebo``: images of untrained generators with teacher-free labels (:mod:`baselines.placebo`);
 
 plus the ``random`` (the initialisation) and ``average`` (parameter mean of the zoo) levels. Every bank
@@ -37,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from baselines.inversion import LossWeights, invert_from_scratch  # noqa: E402
+from baselines.inversion import deep_inversion  # noqa: E402
 from baselines.maml import maml_step  # noqa: E402
 from baselines.memory import TaskMemory  # noqa: E402
 from baselines.placebo import placebo_images  # noqa: E402
@@ -89,21 +90,22 @@ def cached(folder: str | None, teacher, args) -> torch.Tensor | None:
     return obj["images"] if ok else None
 
 
-def make_banks(source: str, ctx, ds, teachers, per_class: int, args, g: torch.Generator) -> tuple[TaskMemory, dict]:
-    """A :class:`TaskMemory` holding one bank per teacher, and facts about the banks (time, teacher agreement)."""
+def make_banks(source: str, ctx, ds, teachers, per_class: int, args) -> tuple[TaskMemory, dict]:
+    """A :class:`TaskMemory` holding one bank per teacher (each from its own seeded stream), and facts
+    about the banks (time, teacher agreement)."""
     ways = ctx.episode_spec.ways
     mem = TaskMemory(max_batches_per_class=10_000)
     y = torch.arange(ways).repeat(per_class)
     agree, t0 = [], time.perf_counter()
     for t in teachers:
+        g = make_generator(derive_seed("proxy-study-bank", source, args.seed, t.index))
         if source == "real":
             x = real_bank(ds, t, per_class, g)
         elif source == "inversion" and cached(args.bank_cache, t, args) is not None:
             x = cached(args.bank_cache, t, args)
         elif source == "inversion":
-            r = invert_from_scratch(t.model, ways, per_class, image_shape=ds.image_shape, generator=g, iterations=args.inv_steps,
-                                    lr=args.inv_lr, z_lr=args.inv_lr, nz=args.nz, ngf=args.ngf, weights=LossWeights(1.0, 0.0, args.inv_bn))
-            x = r.images
+            x = deep_inversion(t.model, ways, per_class, image_shape=ds.image_shape, generator=g, iterations=args.inv_steps,
+                               lr=args.inv_lr, w_bn=args.inv_bn).images
         elif source == "placebo":
             x, _ = placebo_images(ways, per_class, image_shape=ds.image_shape, nz=args.nz, ngf=args.ngf, latent_spread=0.5, generator=g)
         else:
@@ -144,9 +146,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--val-every", type=int, default=50)
     ap.add_argument("--val-episodes", type=int, default=200)
-    ap.add_argument("--inv-steps", type=int, default=150)
+    ap.add_argument("--inv-steps", type=int, default=100)
     ap.add_argument("--bank-cache", default=None, help="folder of precomputed inversion banks (inversion-<i>.pt)")
-    ap.add_argument("--inv-lr", type=float, default=0.01)
+    ap.add_argument("--inv-lr", type=float, default=0.05)
     ap.add_argument("--inv-bn", type=float, default=1.0)
     ap.add_argument("--nz", type=int, default=64)
     ap.add_argument("--ngf", type=int, default=16)
@@ -175,9 +177,8 @@ def main(argv: list[str] | None = None) -> dict:
         out["levels"][level] = round(ctx.evaluate_val(m.fit(ctx), args.val_episodes), 4)
         print(f"{level}: val {out['levels'][level]:.4f}", flush=True)
     for source in [s for s in args.sources.split(",") if s]:
-        g = make_generator(derive_seed("proxy-study-bank", source, args.seed))
         print(f"{source}: building banks", flush=True)
-        mem, facts = make_banks(source, ctx, ds, teachers, args.per_class, args, g)
+        mem, facts = make_banks(source, ctx, ds, teachers, args.per_class, args)
         print(f"{source}: {facts}", flush=True)
         t0 = time.perf_counter()
         curve = train_curve(ctx, mem, args, args.seed)
