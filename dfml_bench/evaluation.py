@@ -11,17 +11,20 @@ cannot be installed here:
 
 - :func:`inner_adapt` is the reusable functional inner loop (MAML, first- or second-order, any loss,
   e.g. soft-target distillation); methods call it for meta-training.
-- :func:`evaluate` adapts many episodes at once with ``vmap`` over the per-episode adaptation
-  (convolutions with per-episode weights become grouped convolutions), in chunks whose size comes from a
-  memory estimate, and predicts the query sets with ``vmap`` too on accelerators; on CPU the query
-  forward (75 images per episode, already a large batch) runs per episode in channels-last layout, which
-  oneDNN runs ~3x faster than the grouped form. :func:`evaluate_loop` is the plain per-episode loop,
-  the fallback for architectures where ``vmap`` fails and the reference ``evaluate`` is tested against.
-  On a 2-core CPU the two take about the same time (Conv4-32 adaptation of 5 images is small either
-  way; see ``benchmarks/bench_evaluation.py``); the batched path is the one that scales on a GPU.
-- Grouped and plain convolutions round differently (~1e-4 in the logits after 10 steps), so a query
-  whose two best logits are that close can flip between :func:`evaluate` and :func:`evaluate_loop`;
-  in 600 random-model episodes that is a handful of single-query differences.
+- :func:`evaluate` on CPU splits whole episodes over worker threads (one intra-op thread each; the
+  per-episode adaptation uses ``torch.autograd.grad``, which, unlike ``torch.func.grad``, may run in
+  several threads at once, and each thread has its own copy of the network because ``functional_call``
+  swaps a module's tensors while it runs). Each episode's images are adapted and predicted as plain
+  channels-last convolutions, which oneDNN runs at a good fraction of the machine's matrix-product
+  speed; grouped convolutions (``vmap``) and im2col batched matrix products over episodes
+  (:mod:`dfml_bench.batched`) were measured slower on CPU (``benchmarks/bench_evaluation.py --all``):
+  at 5 support images the per-layer elementwise work (BatchNorm, pooling, im2col) dominates, and oneDNN
+  fuses it better. The result of every episode is computed by the same single-threaded code, so the
+  accuracies do not depend on the number of workers, the chunking or the caller's thread count, and
+  equal :func:`evaluate_loop` (the plain serial loop, the test oracle) exactly.
+- :func:`evaluate_vmap` is the accelerator path (and ``evaluate``'s on CUDA): episodes adapted in chunks
+  with one ``vmap`` each, chunk size from a memory estimate. Grouped and plain convolutions round
+  differently (~1e-4 in the logits after 10 steps), so a near-tied query can flip between it and the loop.
 - :func:`summarize` gives mean +- 95 % CI as the literature reports it.
 """
 
