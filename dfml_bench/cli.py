@@ -150,7 +150,6 @@ def run(suite_name, scale, methods, seeds, episodes, device, out, data_root, qui
     device = check_device(device, available=local_gpu)
     if data_root is not None:
         check_input_dir(data_root, "--data-root")
-    check_out_dir(out, create=not plan_only)
     check_plugins(plugins)
     cfg = None
     if launcher == "submitit":
@@ -158,6 +157,7 @@ def run(suite_name, scale, methods, seeds, episodes, device, out, data_root, qui
                      mem_gb=mem_gb, array_parallelism=array_parallelism)
         cfg = (SlurmConfig.from_file(slurm_config, **flags) if slurm_config
                else SlurmConfig(**{k: v for k, v in flags.items() if v is not None}))
+    check_out_dir(out, create=not plan_only)  # last: the folder is made only once everything else is right
     plan = plan_suite(suite, method_list, seed_list)
     ctx = JobContext(out=str(out), device=device, episodes=episodes, data_root=str(data_root) if data_root else None,
                      plugins=tuple(plugins), threads=threads)

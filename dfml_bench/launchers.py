@@ -353,7 +353,11 @@ class SlurmConfig:
             data = json.loads(text)
         else:
             raise ValueError(f"Slurm config {path} must be .json or .toml")
+        if not isinstance(data, dict):
+            raise ValueError(f"Slurm config {path} must hold an object of settings, not a {type(data).__name__}")
         data = data.get("slurm", data)
+        if not isinstance(data, dict):
+            raise ValueError(f"Slurm config {path}: 'slurm' must be a table of settings")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
