@@ -144,13 +144,13 @@ def run(suite_name, scale, methods, seeds, episodes, device, out, data_root, qui
     seed_list = parse_seeds(seeds)
     method_list = parse_methods(methods)
     check_launcher_options(launcher, n_jobs, slurm_flags)
+    check_plugins(plugins)  # before the suite and methods: a plugin may register them
     suite = get_suite(suite_name, scale)
     _validate_methods(method_list or suite.methods)
     local_gpu = launcher == "local" or cluster in ("local", "debug")
     device = check_device(device, available=local_gpu)
     if data_root is not None:
         check_input_dir(data_root, "--data-root")
-    check_plugins(plugins)
     cfg = None
     if launcher == "submitit":
         flags = dict(partition=partition, time_min=time_min, gpus_per_job=gpus_per_job, cpus_per_job=cpus_per_job,
