@@ -133,6 +133,7 @@ def run(suite_name, scale, methods, seeds, episodes, device, out, data_root, qui
                          parse_methods, parse_seeds)
     from .jobs import JobContext, format_plan, plan_states, plan_suite
     from .launchers import LocalLauncher, SlurmConfig, SubmititLauncher
+    from .paths import home
     from .runner import _validate_methods
     from .scenarios import get_suite
 
@@ -157,6 +158,7 @@ def run(suite_name, scale, methods, seeds, episodes, device, out, data_root, qui
                      mem_gb=mem_gb, array_parallelism=array_parallelism)
         cfg = (SlurmConfig.from_file(slurm_config, **flags) if slurm_config
                else SlurmConfig(**{k: v for k, v in flags.items() if v is not None}))
+    home()  # the cache (zoos, episodes) must be usable: said now, not by every job
     check_out_dir(out, create=not plan_only)  # last: the folder is made only once everything else is right
     plan = plan_suite(suite, method_list, seed_list)
     ctx = JobContext(out=str(out), device=device, episodes=episodes, data_root=str(data_root) if data_root else None,

@@ -202,3 +202,21 @@ def test_describe_error_names_damaged_files_and_keeps_input_messages():
     assert "ended early" in cli_mod.describe_error(EOFError("Compressed file ended"))
     assert cli_mod.describe_error(ValueError("--seeds: bad")) == "--seeds: bad"
     assert "bug" in cli_mod.describe_error(AttributeError("x"))
+
+
+def test_a_cache_folder_that_is_a_file_is_named_before_any_work(tmp_path, monkeypatch):
+    f = tmp_path / "cachefile"
+    f.write_text("x")
+    monkeypatch.setenv("DFML_BENCH_HOME", str(f))
+    res = invoke("run", "--suite", "toy", "--methods", "random", "--out", tmp_path / "r", "--quiet")
+    assert_clean_error(res, "DFML_BENCH_HOME", str(f))
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", '{"slurm": 3}', "{not json", '{"gpus": 1}'])
+def test_a_slurm_config_of_the_wrong_shape_is_a_clean_error(tmp_path, text):
+    cfg = tmp_path / "slurm.json"
+    cfg.write_text(text)
+    res = invoke("run", "--suite", "toy", "--launcher", "submitit", "--slurm-config", cfg, "--out", tmp_path / "r")
+    assert_clean_error(res)
+    assert not (tmp_path / "r").exists()
