@@ -129,8 +129,8 @@ def run(suite_name, scale, methods, seeds, episodes, device, out, data_root, qui
 
     Every argument is checked before any work starts. Two runs into one --out never run a job twice:
     a job another run is working on is left to it (this run waits for it at the end)."""
-    from .inputs import (check_device, check_input_dir, check_launcher_options, check_out_dir, check_plugins,
-                         parse_methods, parse_seeds)
+    from .inputs import (check_device, check_launcher_options, check_out_dir, check_plugins, parse_methods,
+                         parse_seeds)
     from .jobs import JobContext, format_plan, plan_states, plan_suite
     from .launchers import LocalLauncher, SlurmConfig, SubmititLauncher
     from .paths import home
@@ -150,8 +150,6 @@ def run(suite_name, scale, methods, seeds, episodes, device, out, data_root, qui
     _validate_methods(method_list or suite.methods)
     local_gpu = launcher == "local" or cluster in ("local", "debug")
     device = check_device(device, available=local_gpu)
-    if data_root is not None:
-        check_input_dir(data_root, "--data-root")
     cfg = None
     if launcher == "submitit":
         flags = dict(partition=partition, time_min=time_min, gpus_per_job=gpus_per_job, cpus_per_job=cpus_per_job,
@@ -347,7 +345,7 @@ def report(run_dir, suite_name, scale, out, fmt, alpha, rule, n_boot, no_plots) 
 def submit(suite_name, method_name, scale, device, out, data_root, n_jobs, quiet) -> None:
     """Run METHOD on every scenario of SUITE with the seeds the leaderboard requires (the suite's
     leaderboard_seeds, all test episodes) and write validated records ready for a pull request."""
-    from .inputs import check_device, check_input_dir, check_out_dir
+    from .inputs import check_device, check_out_dir
     from .jobs import JobContext, plan_suite
     from .launchers import LocalLauncher
     from .methods import get_method
@@ -361,8 +359,6 @@ def submit(suite_name, method_name, scale, device, out, data_root, n_jobs, quiet
     _validate_methods([method_name])
     get_method(method_name)  # a plugin that fails to import (or is not a Method) stops here, with its error
     device = check_device(device)
-    if data_root is not None:
-        check_input_dir(data_root, "--data-root")
     check_out_dir(out)
     plan = plan_suite(suite, [method_name], list(suite.leaderboard_seeds))
     ctx = JobContext(out=str(out), device=device, episodes=None, data_root=str(data_root) if data_root else None)
@@ -406,10 +402,8 @@ def data_show(name, out, data_root, seed) -> None:
     """Write a PNG grid of sample classes of each split."""
     from .datasets import load_dataset
     from .datasets.show import save_grid
-    from .inputs import check_input_dir, check_out_file
+    from .inputs import check_out_file
 
-    if data_root is not None:
-        check_input_dir(data_root, "--data-root")
     check_out_file(out or Path(f"{name}-samples.png"))
     try:
         ds = load_dataset(name, seed=seed, data_root=str(data_root) if data_root else None)
@@ -446,10 +440,7 @@ def data_prepare(name, source, data_root, quiet) -> None:
 def data_check(name, data_root, no_decode, quiet) -> None:
     """Verify a real dataset: classes per split, images per class, image sizes, readable files."""
     from .datasets.prepare import check
-    from .inputs import check_input_dir
 
-    if data_root is not None:
-        check_input_dir(data_root, "--data-root")
     try:
         rep = check(name, data_root, decode=not no_decode, progress=not quiet)
     except (ValueError, RuntimeError) as exc:
@@ -486,13 +477,11 @@ def _zoo_specs(suite_name: str, scale: str, scenario: str | None):
 def zoo_build(suite_name, scale, scenario, device, data_root, threads) -> None:
     """Build (or repair) the zoos a suite needs, with progress."""
     from .datasets import load_dataset
-    from .inputs import check_device, check_input_dir
+    from .inputs import check_device
     from .threads import fixed_threads
     from .zoo import build_zoo
 
     device = check_device(device)
-    if data_root is not None:
-        check_input_dir(data_root, "--data-root")
     specs = _zoo_specs(suite_name, scale, scenario)
     with fixed_threads(threads):  # the protocol's thread count, as in a run: the same zoo, bit for bit
         for s in specs:
@@ -511,11 +500,8 @@ def zoo_show(suite_name, scale, scenario, data_root) -> None:
     from tabulate import tabulate
 
     from .datasets import load_dataset
-    from .inputs import check_input_dir
     from .zoo import load_zoo, zoo_dir
 
-    if data_root is not None:
-        check_input_dir(data_root, "--data-root")
     try:
         for s in _zoo_specs(suite_name, scale, scenario):
             ds = load_dataset(s.dataset, seed=s.dataset_seed, data_root=str(data_root) if data_root else None, scale=scale)

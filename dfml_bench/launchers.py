@@ -20,7 +20,6 @@ leaves nothing partial, and a re-run resumes.
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 import sys
 import time
 import traceback

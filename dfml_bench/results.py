@@ -8,7 +8,6 @@ A re-run of a suite skips every record that is already ``ok`` or ``skipped``: it
 
 from __future__ import annotations
 
-import json
 import math
 import platform
 from dataclasses import asdict, dataclass, field

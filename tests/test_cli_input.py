@@ -105,11 +105,6 @@ def test_missing_plugin_file_or_module_is_a_clean_error(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
-def test_missing_data_root_is_refused(tmp_path):
-    res = invoke("run", "--suite", "toy", "--data-root", tmp_path / "nodata", "--out", tmp_path / "r")
-    assert_clean_error(res, "--data-root", "no such folder")
-
-
 def _ok_record(method: str, acc: list[float], seed: int = 0) -> ResultRecord:
     return ResultRecord(key=RunKey("toy", "cpu", "wb", method, seed), status="ok", per_episode=acc, accuracy=summary_of(acc),
                         hashes={"dataset": "d", "zoo": "z", "test_episodes": f"e{seed}"}, config={"scenario": {"name": "wb"}},
