@@ -272,8 +272,13 @@ def status(run_dir, show_all) -> None:
     """Show the jobs of a run folder: done / running / failed / pending, with reasons."""
     from .jobs import format_plan, run_status
 
-    for plan, states in run_status(run_dir):  # a garbage plan file is a one-line error naming it
+    problems: list[str] = []
+    for plan, states in run_status(run_dir, problems):
         click.echo(format_plan(plan, states, hide_done=not show_all))
+    if problems:  # a garbage plan file: the good plans are shown, then a one-line error per bad file
+        for p in problems[1:]:
+            click.echo(f"Error: {p}", err=True)
+        raise click.ClickException(problems[0])
 
 
 @main.command()
