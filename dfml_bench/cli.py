@@ -150,12 +150,14 @@ def run(suite_name, scale, methods, seeds, episodes, device, out, data_root, qui
     _validate_methods(method_list or suite.methods)
     local_gpu = launcher == "local" or cluster in ("local", "debug")
     device = check_device(device, available=local_gpu)
-    cfg = None
     if launcher == "submitit":
         flags = dict(partition=partition, time_min=time_min, gpus_per_job=gpus_per_job, cpus_per_job=cpus_per_job,
                      mem_gb=mem_gb, array_parallelism=array_parallelism)
         cfg = (SlurmConfig.from_file(slurm_config, **flags) if slurm_config
                else SlurmConfig(**{k: v for k, v in flags.items() if v is not None}))
+        runner = SubmititLauncher(cfg, cluster=cluster, wait=not no_wait, log=log)  # says if submitit is missing
+    else:
+        runner = LocalLauncher(n_jobs or 1, progress=not quiet, log=log)
     home()  # the cache (zoos, episodes) must be usable: said now, not by every job
     check_out_dir(out, create=not plan_only)  # last: the folder is made only once everything else is right
     plan = plan_suite(suite, method_list, seed_list)
@@ -164,13 +166,10 @@ def run(suite_name, scale, methods, seeds, episodes, device, out, data_root, qui
     if plan_only:
         click.echo(format_plan(plan, plan_states(out, plan, check_zoo=True, data_root=ctx.data_root)))
         return
-    if cfg is not None:
-        states = SubmititLauncher(cfg, cluster=cluster, wait=not no_wait, log=log).launch(plan, ctx)
-        if no_wait:
-            click.echo(format_plan(plan, states))
-            return
-    else:
-        states = LocalLauncher(n_jobs or 1, progress=not quiet, log=log).launch(plan, ctx)
+    states = runner.launch(plan, ctx)
+    if no_wait:
+        click.echo(format_plan(plan, states))
+        return
     from .report import build_report, render_text
     from .validate import load_records
 
@@ -272,8 +271,13 @@ def status(run_dir, show_all) -> None:
     """Show the jobs of a run folder: done / running / failed / pending, with reasons."""
     from .jobs import format_plan, run_status
 
-    for plan, states in run_status(run_dir):  # a garbage plan file is a one-line error naming it
+    problems: list[str] = []
+    for plan, states in run_status(run_dir, problems):
         click.echo(format_plan(plan, states, hide_done=not show_all))
+    if problems:  # a garbage plan file: the good plans are shown, then a one-line error per bad file
+        for p in problems[1:]:
+            click.echo(f"Error: {p}", err=True)
+        raise click.ClickException(problems[0])
 
 
 @main.command()

@@ -191,8 +191,18 @@ def read_plan(path: str | Path) -> Plan:
     return plan
 
 
-def load_plans(out: str | Path) -> list[Plan]:
-    return [read_plan(p) for p in sorted(jobs_dir(out).glob("plan-*.json"))]
+def load_plans(out: str | Path, problems: list[str] | None = None) -> list[Plan]:
+    """The plans saved under ``out``. A file that is not a plan raises :class:`PlanFileError`, or, with
+    ``problems``, is described there and left out (so the good plans can still be shown)."""
+    plans = []
+    for p in sorted(jobs_dir(out).glob("plan-*.json")):
+        try:
+            plans.append(read_plan(p))
+        except PlanFileError as exc:
+            if problems is None:
+                raise
+            problems.append(str(exc))
+    return plans
 
 
 def write_status(out: str | Path, job: Job, state: str, **info) -> None:
@@ -393,10 +403,11 @@ def plan_states(out: str | Path, plan: Plan, *, check_zoo: bool = False, data_ro
     return states
 
 
-def run_status(out: str | Path) -> list[tuple[Plan, dict[str, tuple[str, str]]]]:
-    """For every plan saved under ``out``: the state and reason of each of its jobs."""
-    plans = load_plans(out)
-    if not plans:
+def run_status(out: str | Path, problems: list[str] | None = None) -> list[tuple[Plan, dict[str, tuple[str, str]]]]:
+    """For every plan saved under ``out``: the state and reason of each of its jobs (``problems``: as
+    :func:`load_plans`)."""
+    plans = load_plans(out, problems)
+    if not plans and not problems:
         raise FileNotFoundError(f"{out} has no job plan ({JOBS_DIR}/plan-*.json); it was not run by a launcher")
     return [(p, plan_states(out, p)) for p in plans]
 

@@ -142,6 +142,15 @@ def test_status_with_a_garbage_plan_file_is_a_clean_error(tmp_path):
         (jobs / "plan-toy-cpu.json").write_text(text)
         res = invoke("status", tmp_path / "run")
         assert_clean_error(res, "plan-toy-cpu.json", "delete it")
+    # a good plan beside the bad one is still shown
+    from dfml_bench.jobs import plan_suite, save_plan
+    from dfml_bench.scenarios import get_suite
+
+    save_plan(tmp_path / "run", plan_suite(get_suite("toy"), ["random"], [0]))
+    (jobs / "plan-other-cpu.json").write_text("garbage")
+    res = invoke("status", tmp_path / "run")
+    assert_clean_error(res, "plan-other-cpu.json")
+    assert "toy (cpu): 3 jobs" in res.output
 
 
 def test_compare_rejects_what_the_leaderboard_rejects(tmp_path):
@@ -182,7 +191,7 @@ def test_truncated_archive_in_data_prepare_says_so(tmp_path):
 def test_an_unexpected_error_is_one_line_and_debug_shows_the_traceback(tmp_path, monkeypatch):
     import dfml_bench.jobs as jobs_mod
 
-    def boom(out):
+    def boom(*args):
         raise ZeroDivisionError("division by zero")
 
     monkeypatch.setattr(jobs_mod, "run_status", boom)
