@@ -149,8 +149,10 @@ def test_deep_inversion_recovers_images_the_teacher_labels_as_targets():
     sc = get_suite("toy", "cpu").scenario("wb")
     ds = load_dataset("toy")
     teacher = build_zoo(sc.zoo, ds, progress=False).load_model(0)
-    before = deep_inversion(teacher, 5, 4, image_shape=ds.image_shape, generator=make_generator(0), iterations=1)
-    r = deep_inversion(teacher, 5, 4, image_shape=ds.image_shape, generator=make_generator(0), iterations=40)
+    before = deep_inversion(teacher, 5, 4, image_shape=ds.image_shape, generator=make_generator(0), iterations=1, w_bn=0.0)
+    r = deep_inversion(teacher, 5, 4, image_shape=ds.image_shape, generator=make_generator(0), iterations=100, w_bn=0.0)
     assert r.images.shape == (20, *ds.image_shape) and 0 <= float(r.images.min()) and float(r.images.max()) <= 1
-    assert r.teacher_acc >= 0.5 and r.history[-1] < r.history[0]  # 2.5x chance on the weak toy teachers (measured 0.6)
-    assert r.teacher_acc > before.teacher_acc
+    assert r.teacher_acc >= 0.85 > before.teacher_acc  # measured 0.9-1.0 on the toy teachers (chance 0.2)
+    # with BN-statistics matching the weak toy teachers trade agreement for statistics, but the loss still falls
+    bn = deep_inversion(teacher, 5, 4, image_shape=ds.image_shape, generator=make_generator(0), iterations=40, w_bn=1.0)
+    assert bn.history[-1] < 0.7 * bn.history[0]
