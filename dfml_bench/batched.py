@@ -1,10 +1,14 @@
 """Episode-batched Conv4: many episodes' forward passes, each with its own weights, as batched matrix products.
 
-Why: on a CPU, one episode's support set (5 images at 32x32, 32 channels) is far too small a
-convolution to keep a core busy, and ``vmap`` turns per-episode weights into a grouped convolution that
-oneDNN runs no faster than a Python loop. Written as im2col + ``bmm`` over episodes, the same arithmetic
-becomes a few large batched GEMMs per layer, which run near the machine's matrix-product speed and,
-unlike autograd over a loop, cost one dispatch per layer for a whole chunk of episodes.
+Why: one episode's support set (5 images at 32x32, 32 channels) is a tiny convolution, and ``vmap``
+turns per-episode weights into a grouped convolution. Written as im2col + ``bmm`` over episodes, the same
+arithmetic becomes a few batched GEMMs per layer with one dispatch per layer for a whole chunk of
+episodes, the form that suits an accelerator. On this project's 2-core CPU it was measured SLOWER than
+oneDNN's per-episode channels-last convolutions (``benchmarks/bench_evaluation.py --all``: ~14 against
+~40 GFLOP per CPU-second; ``benchmarks/bench_maml.py --bmm``): at these sizes the per-layer elementwise
+work (im2col, BatchNorm, pooling and their backward) is memory-bound and dominates the GEMMs. So the
+evaluator and the MAML step do not use it on CPU; ``benchmarks/gpu_check.py`` is where it is to be
+compared on a GPU.
 
 The kernel is the plain network's arithmetic, nothing else: :func:`conv4_forward` computes, for every
 episode ``e``, exactly ``functional_call(net, params[e], x[e])`` of a :class:`~dfml_bench.backbones.Conv4`

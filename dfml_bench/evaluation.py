@@ -156,14 +156,16 @@ def _cpu_layout(x: torch.Tensor) -> torch.Tensor:
 def _adapt_episode(net: nn.Module, params, buffers, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float):
     """One episode's test-time adaptation with ``torch.autograd.grad`` (the same SGD as :func:`inner_adapt`
     with ``create_graph=False``); unlike ``torch.func.grad`` it may run in several threads at once."""
-    fast = {k: v.detach() for k, v in params.items()}
+    names = list(params)
+    values = [params[k].detach() for k in names]
     for _ in range(steps):
-        fast = {k: v.requires_grad_(True) for k, v in fast.items()}
+        values = [v.requires_grad_(True) for v in values]
         with torch.enable_grad():
-            loss = F.cross_entropy(functional_call(net, (fast, buffers), (x,)), y)
-            grads = torch.autograd.grad(loss, list(fast.values()))
-        fast = {k: (v - lr * g).detach() for (k, v), g in zip(fast.items(), grads)}
-    return fast
+            loss = F.cross_entropy(functional_call(net, (dict(zip(names, values)), buffers), (x,)), y)
+            grads = torch.autograd.grad(loss, values)
+        with torch.no_grad():
+            values = torch._foreach_add(values, grads, alpha=-lr)  # one fused update of every tensor
+    return dict(zip(names, values))
 
 
 def adapted_query_logits(
