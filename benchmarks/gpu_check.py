@@ -12,8 +12,10 @@ ZO directions and scales the time linearly to the full count (column ``full``), 
 
 Rows (method -> what its step is):
   eval-600        every method: evaluate() of 600 episodes, 5-way 1-shot, 15 queries, 10 SGD steps
+  eval-600-bmm    the same with dfml_bench.batched (im2col + bmm over 50-episode chunks): the GPU candidate
   zoo-epoch       zoo build: one epoch of train_one, 5 classes x 600 images (80/20 held-out), batch 128
   maml-10         oracle / FREE replay: one second-order MAML meta-update of 10 tasks, 5 inner steps
+  maml-10-bmm     the same with the tasks' inner loops batched by dfml_bench.batched
   maml-4          BiDf-MKD memory replay: the same with 4 tasks
   free-gen-step   FREE recovery: one generator step, 100 images through a Conv4 teacher (CE + BN matching)
   zo-iteration    BiDf-MKD synthesis: one ZO generator iteration, B=150, q=100 (15,150 teacher queries)
@@ -42,12 +44,13 @@ from baselines.maml import maml_step  # noqa: E402
 from dfml_bench.backbones import BackboneSpec, build_backbone  # noqa: E402
 from dfml_bench.datasets.base import ImageDataset  # noqa: E402
 from dfml_bench.episodes import EpisodeSpec, sample_episodes  # noqa: E402
-from dfml_bench.evaluation import AdaptProtocol, evaluate, inner_adapt  # noqa: E402
+from dfml_bench import batched  # noqa: E402
+from dfml_bench.evaluation import AdaptProtocol, batch_stat_copy, evaluate, inner_adapt  # noqa: E402
 from dfml_bench.utils import atomic_write_json  # noqa: E402
 from dfml_bench.zoo import TrainRecipe, ZooSpec, train_one  # noqa: E402
 
 # reference code on 2 CPU cores (reference-timing.md), 32x32 Conv4 unless said otherwise
-REFERENCE = {"eval-600": 86.0, "zoo-epoch": 2.8, "maml-10": 1.31, "maml-4": 0.67, "free-gen-step": 0.6,
+REFERENCE = {"eval-600": 86.0, "eval-600-bmm": 86.0, "zoo-epoch": 2.8, "maml-10": 1.31, "maml-10-bmm": 1.31, "maml-4": 0.67, "free-gen-step": 0.6,
              "zo-iteration": 7.75, "kd-inner": 1.15}
 ZOO_ARCHS = {"conv4": BackboneSpec("conv4", 32), "resnet10": BackboneSpec("resnet10", 64),
              "resnet18": BackboneSpec("resnet18", 64)}
@@ -120,6 +123,40 @@ def check_eval(size: int, n: int, device: torch.device) -> float:
     eps = sample_episodes(ds, "test", EpisodeSpec(ways=5, shots=1, queries=15, n_episodes=n), seed=0)
     model = meta_learner(size, device)
     return timed(lambda: evaluate(model, ds, eps, AdaptProtocol(10, 0.01), device=device), device)
+
+
+def check_eval_bmm(size: int, n: int, device: torch.device, chunk: int = 50) -> float:
+    """The same evaluation with the adaptation and query by dfml_bench.batched (im2col + bmm over episodes)."""
+    ds = synthetic(15, 20, size)
+    eps = sample_episodes(ds, "test", EpisodeSpec(ways=5, shots=1, queries=15, n_episodes=n), seed=0)
+    net = batch_stat_copy(meta_learner(size, device))
+    params = {k: v.detach() for k, v in net.named_parameters()}
+
+    def run_all():
+        for s in range(0, n, chunk):
+            sx, sy, qx, _qy = eps.tensors(ds, slice(s, s + chunk), device)
+            fast = batched.adapt(net, batched.expand_params(params, len(sx)), sx, sy, steps=10, lr=0.01, create_graph=False)
+            with torch.no_grad():
+                batched.conv4_forward(net, fast, qx).argmax(-1)
+
+    return timed(run_all, device)
+
+
+def check_maml_bmm(size: int, n_tasks: int, device: torch.device) -> float:
+    """A MAML meta-update with the tasks' inner loops batched by dfml_bench.batched (second order)."""
+    model = meta_learner(size, device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    sx, sy, qx, qy = (torch.stack(t) for t in zip(*tasks_for(n_tasks, size, device)))
+
+    def step():
+        params = dict(model.named_parameters())
+        fast = batched.adapt(model, batched.expand_params(params, n_tasks), sx, sy, steps=5, lr=0.01, create_graph=True)
+        loss = batched.episode_losses(model, fast, qx, qy).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return timed(step, device)
 
 
 def check_zoo_epoch(size: int, arch: str, per_class: int, device: torch.device) -> float:
@@ -218,9 +255,11 @@ def run(device: torch.device, sizes: list[int], archs: list[str], counts: Counts
 
     for size in sizes:
         add("eval-600", size, "conv4", check_eval(size, counts.episodes, device), counts.episodes, full.episodes)
+        add("eval-600-bmm", size, "conv4", check_eval_bmm(size, counts.episodes, device), counts.episodes, full.episodes)
         for arch in archs:
             add("zoo-epoch", size, arch, check_zoo_epoch(size, arch, counts.per_class, device), counts.per_class, full.per_class)
         add("maml-10", size, "conv4", check_maml(size, counts.tasks, device), counts.tasks, full.tasks)
+        add("maml-10-bmm", size, "conv4", check_maml_bmm(size, counts.tasks, device), counts.tasks, full.tasks)
         four = min(4, counts.tasks * 2)
         add("maml-4", size, "conv4", check_maml(size, four, device), four, 4)
         add("free-gen-step", size, "conv4", check_free_gen(size, device), 1, 1)

@@ -28,7 +28,8 @@ def test_every_check_runs_on_cpu_and_scales(gpu_check) -> None:
     tiny = gpu_check.Counts(episodes=2, per_class=6, tasks=1, zo_q=1, kd_images=10)
     lines: list[str] = []
     rows = gpu_check.run(torch.device("cpu"), [16], ["conv4"], tiny, log=lines.append)
-    assert [r.check for r in rows] == ["eval-600", "zoo-epoch", "maml-10", "maml-4", "free-gen-step", "zo-iteration", "kd-inner"]
+    assert [r.check for r in rows] == ["eval-600", "eval-600-bmm", "zoo-epoch", "maml-10", "maml-10-bmm", "maml-4",
+                                      "free-gen-step", "zo-iteration", "kd-inner"]
     assert len(lines) == len(rows)
     for r in rows:
         assert math.isfinite(r.measured_s) and r.measured_s > 0
@@ -55,5 +56,5 @@ def test_quick_command_line_writes_json(gpu_check, tmp_path) -> None:
     out = tmp_path / "gpu.json"
     assert gpu_check.main(["--device", "cpu", "--quick", "--archs", "conv4", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
-    assert data["quick"] is True and len(data["rows"]) == 7
+    assert data["quick"] is True and len(data["rows"]) == 9
     assert all(r["reference_s"] is not None for r in data["rows"])  # 32x32 conv4: every row has a reference
