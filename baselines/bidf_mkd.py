@@ -102,6 +102,19 @@ def plan_recovery(budget: float, batch: int, q: int, iterations: int, visits: in
     return 1, min_q, max(0, fit_iters(min_q, min(budget, per_visit_cap)))
 
 
+def grow_recovery(budget: float, batch: int, q: int, iterations: int, visits: int, *, max_iterations: int,
+                  per_visit_cap: float = math.inf) -> int:
+    """Generator iterations per visit when the budget allows more than ``iterations``: as many as fit
+    ``visits`` visits into ``budget`` (and ``per_visit_cap``), at most ``max_iterations``, never fewer
+    than ``iterations``. Used when the method is asked to spend its budget (``spend_budget``): recovery
+    quality grows with iterations, so a larger budget buys better sets, not unused queries."""
+    if visits < 1 or not math.isfinite(min(budget / max(visits, 1), per_visit_cap)):
+        return iterations
+    per_visit = min(budget / visits, per_visit_cap)
+    fit = int((per_visit - 2 * batch) // (2 * batch * (q + 1)))
+    return max(iterations, min(max_iterations, fit))
+
+
 class _CountingAPI:
     """Forwards queries to an API and adds the number of images to ``counts[key]``."""
 
@@ -215,12 +228,14 @@ _SCALE_DEFAULTS = {
     "paper": dict(per_class=30, q=100, mu=0.005, gen_iterations=200, gen_lr=1e-3, max_visits=300, meta_iterations=60000,
                   meta_batch=4, inner_steps=5, kd_inner_steps=10, inner_lr=0.01, outer_lr=1e-3, visit_trigger="plateau",
                   generate_interval=200, visit_every=200, boundary_start=4000, val_every=500, val_episodes=100,
-                  min_gen_iterations=20, min_q=10, ngf=64, estimator="sphere", orthogonal=False, label_mu=10.0),
+                  min_gen_iterations=20, min_q=10, ngf=64, estimator="sphere", orthogonal=False, label_mu=10.0,
+                  spend_budget=False, max_gen_iterations=200),
     # 2 CPU cores, a suite in minutes: small sets, few directions and iterations, visits on a schedule
     "cpu": dict(per_class=5, q=8, mu=0.005, gen_iterations=20, gen_lr=0.01, max_visits=9, meta_iterations=120,
                 meta_batch=4, inner_steps=5, kd_inner_steps=10, inner_lr=0.01, outer_lr=1e-3, visit_trigger="schedule",
                 generate_interval=200, visit_every=None, boundary_start=0, val_every=30, val_episodes=60,
-                min_gen_iterations=5, min_q=2, ngf=32, estimator="sphere", orthogonal=False, label_mu=10.0),
+                min_gen_iterations=5, min_q=2, ngf=32, estimator="sphere", orthogonal=False, label_mu=10.0,
+                  spend_budget=False, max_gen_iterations=200),
 }
 
 
@@ -291,6 +306,8 @@ class BiDfMKD(Method):
     zo_resolution: int | None = None  # subspace grid side (None: image side // 4, the generator's base resolution)
     orthogonal: bool | None = None  # orthonormal directions per sample
     label_mu: float | None = None  # smoothing radius (L2, [0, 1] pixel units) when the API answers hard labels
+    spend_budget: bool | None = None  # grow generator iterations (up to max_gen_iterations) to use a larger budget
+    max_gen_iterations: int | None = None  # cap of that growth (reference 200)
     boundary_start: int | None = None  # meta-iteration from which query sets are boundary sets (reference 4000)
     # meta-learning
     meta_iterations: int | None = None  # outer Adam steps (reference 60000)
@@ -375,6 +392,9 @@ class BiDfMKD(Method):
             visits, q, gen_iters = plan_recovery(budget, batch, hp["q"], hp["gen_iterations"], hp["max_visits"],
                                                  per_visit_cap=math.inf if per_api is None else float(per_api),
                                                  min_iterations=hp["min_gen_iterations"], min_q=hp["min_q"])
+            if hp["spend_budget"]:
+                gen_iters = grow_recovery(budget, batch, q, gen_iters, visits, max_iterations=hp["max_gen_iterations"],
+                                          per_visit_cap=math.inf if per_api is None else float(per_api))
         else:
             visits, q, gen_iters = (min(hp["max_visits"], int(budget // (2 * batch))) if budget < math.inf else hp["max_visits"]), hp["q"], 0
         M = hp["meta_iterations"]
@@ -384,7 +404,8 @@ class BiDfMKD(Method):
                 "cost_per_visit": recovery_cost(batch, q, gen_iters), "planned_queries": visits * recovery_cost(batch, q, gen_iters),
                 "visit_every": visit_every, "meta_iterations": M, "estimator": hp["estimator"], "orthogonal": bool(hp["orthogonal"]),
                 "zo_resolution": (hp["zo_resolution"] or image_shape[1] // 4) if hp["estimator"] == "subspace" else None,
-                "output_kind": kind, "mu": hp["label_mu"] if kind == "label" else hp["mu"], "boundary": kind != "label"}
+                "output_kind": kind, "mu": hp["label_mu"] if kind == "label" else hp["mu"], "boundary": kind != "label",
+                "spend_budget": bool(hp["spend_budget"])}
         context.progress.log(f"bidf-mkd plan: {plan}")
 
         order: list[int] = []

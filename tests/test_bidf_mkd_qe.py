@@ -77,3 +77,15 @@ def test_hard_label_recovery_raises_agreement_with_the_api():
         agree = float((model(r.images).argmax(1) == r.labels).float().mean())
     first = r.losses[0] / 18.42  # fraction of the first iterate the API labelled wrongly
     assert agree >= 0.6 and agree > 1 - first + 0.2, (agree, first)
+
+
+def test_a_larger_budget_buys_more_generator_iterations_up_to_the_cap():
+    from baselines.bidf_mkd import grow_recovery, recovery_cost
+
+    B, q = 25, 8
+    assert grow_recovery(50_000, B, q, 20, 9, max_iterations=200) == 20  # 9 visits of 20 iterations already cost 81k
+    it = grow_recovery(300_000, B, q, 20, 9, max_iterations=200)
+    assert 20 < it < 200 and 9 * recovery_cost(B, q, it) <= 300_000 < 9 * recovery_cost(B, q, it + 1)
+    assert grow_recovery(1e9, B, q, 20, 9, max_iterations=200) == 200
+    assert grow_recovery(1e9, B, q, 20, 9, max_iterations=200, per_visit_cap=20_000) * 2 * B * (q + 1) <= 20_000
+    assert grow_recovery(float("inf"), B, q, 20, 9, max_iterations=200) == 20
