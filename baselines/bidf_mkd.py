@@ -273,8 +273,16 @@ class BiDfMKD(Method):
       on the memory.
     - Outputs: ``logits``, ``probs`` (log-probabilities stand in for logits, equal up to a per-row
       constant, so CE, KL and the argmax mask are unchanged; the L1 boundary distance then compares
-      log-probabilities) and ``topk`` (missing mass spread evenly, an approximation). ``label`` is not
-      supported: a hard label is piecewise constant, so ZO finite differences vanish almost everywhere.
+      log-probabilities) and ``topk`` (missing mass spread evenly, an approximation). ``label`` is
+      refused before any query (``output_kinds``): the reference's estimator (q full-image directions
+      at mu = 0.005) sees a piecewise-constant loss, so its finite differences vanish almost everywhere.
+      ``bidf-mkd-qe`` runs on labels (a smoothed 0-1 loss with a large radius ``label_mu``).
+    - Estimator (``estimator``, ``zo_resolution``, ``orthogonal``): the reference's full-sphere
+      directions by default; ``"subspace"`` estimates in a low-resolution grid (``baselines.zo``), the
+      setting of the registered query-efficient variant ``bidf-mkd-qe``.
+    - ``spend_budget`` (on in the budget-sweep suite): when the budget allows more than the default
+      plan, generator iterations per visit grow to use it (up to ``max_gen_iterations``, reference 200);
+      off by default, so the other suites keep the plan their records were made with.
     - ``cpu`` scale uses a half-width generator (ngf 32): at 32 px with few directions its forward and
       backward cost more than the (q + 1) API queries.
     - The head bias of the meta-learner starts at 0 (as the authors' TDRM code); the harness's
