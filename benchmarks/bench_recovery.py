@@ -13,7 +13,7 @@ class they were synthesised for (checked with extra queries that are not counted
 per query checkpoint as the mean over APIs and seeds, then the queries each estimator needed to reach
 the faithful estimator's final agreement, and their ratio (the issue's target: at most 1/3).
 
-    python benchmarks/bench_recovery.py [--suite blackbox-homo] [--apis 2] [--seeds 1] [--budget 50000]
+    python benchmarks/bench_recovery.py [--suite blackbox-homo] [--apis 2] [--seeds 1] [--budget 30000]
                                         [--kind logits] [--api inprocess|isolated]
 """
 
@@ -77,7 +77,7 @@ def main() -> None:
     ap.add_argument("--suite", default="blackbox-homo")
     ap.add_argument("--apis", type=int, default=2, help="APIs of the scenario's zoo to recover from")
     ap.add_argument("--seeds", type=int, default=1, help="recovery seeds per API")
-    ap.add_argument("--budget", type=int, default=50_000, help="queries per recovery call (per estimator, API, seed)")
+    ap.add_argument("--budget", type=int, default=30_000, help="queries per recovery call (per estimator, API, seed)")
     ap.add_argument("--per-class", type=int, default=5, help="images per class (cpu scale 5; reference 30)")
     ap.add_argument("--q-faithful", type=int, default=100)
     ap.add_argument("--q-efficient", type=int, default=33)
