@@ -186,23 +186,24 @@ def zo_gradient(
 
 def _zo_sphere(api: BlackBoxAPI, x: torch.Tensor, loss_fn: PerSampleLoss, q: int, mu: float,
                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The reference estimator (directions uniform on the full-dimensional sphere), without a
-    materialised direction tensor beyond the Gaussian draw: the perturbed batch is written in place
-    next to the clean one and the estimate is one batched contraction."""
+    """The reference estimator (directions uniform on the full-dimensional sphere). Its arithmetic is
+    kept bit for bit as the records of ``bidf-mkd`` were made with (same draws, same operation order);
+    only copies are saved (directions normalised in place, the perturbed batch written next to the
+    clean one instead of concatenated)."""
     b = x.shape[0]
     d = x[0].numel()
     xc = x.clamp(mu, 1.0 - mu)
-    n = torch.randn((q, *xc.shape), generator=generator, device=xc.device)  # same draws as sphere_directions
-    inv = 1.0 / n.flatten(2).norm(dim=2).clamp_min(1e-12)  # [q, B]
+    u = torch.randn((q, *xc.shape), generator=generator, device=xc.device)  # = sphere_directions(...)
+    flat = u.flatten(2)
+    flat.div_(flat.norm(dim=2, keepdim=True).clamp_min(1e-12))
     batch = torch.empty((q + 1) * b, *xc.shape[1:], dtype=xc.dtype, device=xc.device)
     batch[:b] = xc
-    scale = (mu * inv).view(q, b, *([1] * (x.dim() - 1)))
-    torch.addcmul(xc.unsqueeze(0), n, scale, out=batch[b:].view(q, *xc.shape))
+    torch.add(xc.unsqueeze(0), mu * u, out=batch[b:].view(q, *xc.shape))
     logits = query_logits(api, batch)
     idx = torch.arange(b, device=x.device).repeat(q + 1)
     losses = loss_fn(logits, idx).view(q + 1, b)
-    coef = (losses[1:] - losses[0:1]) / mu * inv  # [q, B]: finite difference over the direction's norm
-    g = torch.einsum("qb,qbd->bd", coef.to(n.dtype), n.flatten(2)).view_as(x) * (d / q)
+    diff = (losses[1:] - losses[0:1]) / mu  # [q, B]
+    g = (d / q) * (diff.view(q, b, *([1] * (x.dim() - 1))) * u).sum(0)
     return g, losses[0], logits[:b]
 
 
