@@ -223,3 +223,18 @@ def test_sphere_estimate_matches_the_explicit_reference_formula():
         lq = torch.stack([F.cross_entropy(model(x + mu * u[j]), y, reduction="none") for j in range(q)])
     ref = (192 / q) * (((lq - l0) / mu).view(q, 2, 1, 1, 1) * u).sum(0)
     assert torch.allclose(got, ref, rtol=1e-3, atol=1e-3)
+
+
+def test_sphere_estimate_is_bit_identical_to_the_batched_reference_formula():
+    """bidf-mkd's records were made with this arithmetic: any change would make them irreproducible."""
+    model, api = _img_api(7)
+    x = torch.rand(3, *IMG, generator=torch.Generator().manual_seed(8))
+    y = torch.tensor([0, 2, 4])
+    q, mu = 6, 0.005
+    got, clean, logits = zo_gradient(api, x, _ce(y), q=q, mu=mu, generator=torch.Generator().manual_seed(9))
+    xc = x.clamp(mu, 1 - mu)
+    u = sphere_directions(q, tuple(xc.shape), torch.Generator().manual_seed(9), "cpu")
+    out = query_logits(api, torch.cat([xc, (xc.unsqueeze(0) + mu * u).flatten(0, 1)]))
+    losses = F.cross_entropy(out, y.repeat(q + 1), reduction="none").view(q + 1, 3)
+    ref = (192 / q) * (((losses[1:] - losses[:1]) / mu).view(q, 3, 1, 1, 1) * u).sum(0)
+    assert torch.equal(got, ref) and torch.equal(clean, losses[0]) and torch.equal(logits, out[:3])
