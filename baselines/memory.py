@@ -70,7 +70,8 @@ class TaskMemory:
     def sample_task(self, ways: int, shots: int, queries: int, generator: torch.Generator,
                     device: str | torch.device = "cpu", *, per_source: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """An N-way task (support x, y, query x, y) drawn from the memory; images in [0, 1].
-        Classes need ``shots + queries`` images; if a class has fewer, images are drawn with replacement.
+        Images are drawn without replacement; if a class holds fewer than ``shots + queries`` images the
+        task gets fewer queries per class (the same for every class), and fewer than ``shots + 1`` is an error.
 
         ``per_source=False`` (the references' interpolated tasks): classes drawn across every model's
         batches. ``per_source=True``: one model (source) is drawn among those that stored at least
@@ -92,19 +93,21 @@ class TaskMemory:
         if len(eligible) < ways:
             raise ValueError(f"memory holds {len(eligible)} classes; a {ways}-way task needs {ways}")
         pick = torch.randperm(len(eligible), generator=generator)[:ways].tolist()
+        pools = [self.class_images(c) if src is None else self._images_from(c, src) for c in (eligible[i] for i in pick)]
+        # without replacement, as the references (which draw from >= 20 images a class): a support image
+        # never reappears among its own queries; a class with fewer than shots + queries images shortens
+        # the task's query set (equal for every class), never duplicates an image
+        n_query = min(queries, min(len(p) for p in pools) - shots)
+        if n_query < 1:
+            raise ValueError(f"a class in memory holds {min(len(p) for p in pools)} images; a {shots}-shot task needs at "
+                             f"least {shots + 1} distinct images per class (recover more images per class)")
         sx, qx = [], []
-        for c in (eligible[i] for i in pick):
-            imgs = self.class_images(c) if src is None else self._images_from(c, src)
-            n = shots + queries
-            if len(imgs) >= n:
-                idx = torch.randperm(len(imgs), generator=generator)[:n]
-            else:
-                idx = torch.randint(len(imgs), (n,), generator=generator)
-            sel = imgs[idx]
+        for imgs in pools:
+            sel = imgs[torch.randperm(len(imgs), generator=generator)[: shots + n_query]]
             sx.append(sel[:shots]); qx.append(sel[shots:])
         to = lambda t: torch.cat(t).to(device).float().div_(255)  # noqa: E731
         sy = torch.arange(ways).repeat_interleave(shots).to(device)
-        qy = torch.arange(ways).repeat_interleave(queries).to(device)
+        qy = torch.arange(ways).repeat_interleave(n_query).to(device)
         return to(sx), sy, to(qx), qy
 
     def grid(self, max_classes: int = 10, per_class: int = 8) -> torch.Tensor:

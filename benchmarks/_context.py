@@ -17,8 +17,11 @@ from dfml_bench.zoo import build_zoo
 
 def make_context(suite_name: str, scale: str = "cpu", seed: int = 0, method: str = "free", device: str = "cpu", log=print):
     """(context, dataset, zoo, test episodes, scenario) for the suite's first scenario, as run_one builds them."""
-    suite = get_suite(suite_name, scale)
-    sc = suite.scenarios[0]
+    return make_scenario_context(get_suite(suite_name, scale).scenarios[0], scale, seed, method, device, log)
+
+
+def make_scenario_context(sc, scale: str = "cpu", seed: int = 0, method: str = "free", device: str = "cpu", log=print):
+    """(context, dataset, zoo, test episodes, scenario) for the scenario ``sc``, as run_one builds them."""
     dev = torch.device(device)
     ds = load_dataset(sc.dataset, seed=sc.dataset_seed, scale=scale)
     zoo = build_zoo(sc.zoo, ds, device=dev, progress=False, log=None)

@@ -7,8 +7,13 @@ alignment, memory, replay, schedule, selection) unchanged:
 - ``real``: real meta-train images of the model's own classes: perfect recovery, an upper bound that
   no data-free method can reach (it reads training data);
 - ``inversion``: from-scratch white-box inversion of the model (200 exact-gradient steps, the
-  generator and loss of ``inversion``), computed once per model and cached for the run: the best
-  recovery BiDf-MKD's zero-order estimate can approximate.
+  generator and loss of ``inversion``): the best recovery BiDf-MKD's zero-order estimate can approximate.
+
+Both fixed sources draw from a per-model BANK of the same size (``--bank`` distinct images per class,
+at least 16), computed once per model, and every draw takes distinct images of it: real and inverted
+data differ in what the images are, not in how many distinct ones there are (the earlier version drew
+real images fresh from the whole class but reused one 5-image inversion per model, so it compared
+realism and diversity at once). ``benchmarks/validate_proxy.py`` is the full proxy study.
 
 It prints the meta-val curve (epoch 0 = the shared initialisation) and the teachers' accuracy on the
 data. Test episodes are never used. It answers "is the recovery or the meta-learning the bottleneck?".
@@ -44,6 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--inv-bn", type=float, default=1.0, help="BN-statistics weight of the cached inversions")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="FREE parameter KEY=VALUE (JSON value)")
+    ap.add_argument("--bank", type=int, default=16, help="distinct images per class in each model's bank (>= 16)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -54,21 +60,33 @@ def main(argv: list[str] | None = None) -> dict:
     classes_of = {id(t.model): t.classes for t in ctx.whitebox()}
     g = torch.Generator().manual_seed(args.seed + 1)
     cache: dict[int, torch.Tensor] = {}
+    cfg_nz = [64, 16]
+    if args.bank < 16:
+        ap.error("--bank must be at least 16 (distinct images per class)")
+
+    def bank_of(teacher, ways: int) -> torch.Tensor:
+        """The model's bank: ``args.bank`` images per class, class-interleaved (row r has label r % ways)."""
+        if id(teacher) not in cache:
+            if args.source == "real":
+                cls = classes_of[id(teacher)]
+                picks = [ds.class_indices(c)[torch.randperm(len(ds.class_indices(c)), generator=g)[: args.bank]] for c in cls]
+                cache[id(teacher)] = ds.as_float(torch.stack(picks, 1).reshape(-1))
+            else:
+                cache[id(teacher)] = invert_from_scratch(
+                    teacher, ways, args.bank, image_shape=ds.image_shape, generator=g, device="cpu", iterations=200,
+                    lr=1e-3, z_lr=1e-3, nz=cfg_nz[0], ngf=cfg_nz[1], weights=LossWeights(1.0, 0.0, args.inv_bn)).images
+        return cache[id(teacher)]
 
     def fixed_source(meta_gen, z0, teacher, y, weights, cfg, gen, student=None, accumulate=False):
         t0 = time.perf_counter()
-        if args.source == "real":
-            cls = classes_of[id(teacher)]
-            picks = [ds.class_indices(cls[j]) for j in y.tolist()]
-            x = torch.cat([ds.as_float(p[torch.randint(len(p), (1,), generator=g)]) for p in picks])
-        else:
-            if id(teacher) not in cache:
-                ways = int(y.max()) + 1
-                cache[id(teacher)] = invert_from_scratch(
-                    teacher, ways, len(y) // ways, image_shape=ds.image_shape, generator=g,
-                    device="cpu", iterations=200, lr=1e-3, z_lr=1e-3, nz=cfg["nz"], ngf=cfg["ngf"],
-                    weights=LossWeights(1.0, 0.0, args.inv_bn)).images
-            x = cache[id(teacher)]
+        ways = int(y.max()) + 1
+        cfg_nz[:] = [cfg["nz"], cfg["ngf"]]
+        bank = bank_of(teacher, ways).view(args.bank, ways, *ds.image_shape)
+        per_class = len(y) // ways  # distinct rows of the bank for this draw, the same for every class
+        if per_class > args.bank:
+            raise SystemExit(f"FREE draws {per_class} images per class; --bank must be at least that")
+        rows = torch.randperm(args.bank, generator=g)[:per_class]
+        x = bank[rows].reshape(-1, *ds.image_shape)  # class-interleaved, as the targets y
         return x.to(y.device), time.perf_counter() - t0, {"params": [p.detach() for p in meta_gen.parameters()], "z": None}
 
     if args.source != "meta":

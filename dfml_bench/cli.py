@@ -2,28 +2,64 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import click
 
 from . import __version__
-
-
-def _split(value: str | None) -> list[str] | None:
-    if not value:
-        return None
-    return [v.strip() for v in value.split(",") if v.strip()]
+from .threads import PROTOCOL_THREADS
 
 
 def _fail(exc: Exception) -> None:
     raise click.ClickException(str(exc))
 
 
-@click.group()
+# errors that bad input produces (a typo, a missing or damaged file, a folder that cannot be written):
+# their own message is the whole story. Anything else is a bug and says how to get its traceback.
+_INPUT_ERRORS = (ValueError, RuntimeError, OSError, ImportError, LookupError, EOFError)
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for the user: what went wrong (the exception's own message) and, for what looks like a
+    bug rather than bad input, how to see the traceback."""
+    import tarfile
+    import zipfile
+
+    msg = str(exc).strip() or type(exc).__name__
+    if isinstance(exc, (EOFError, tarfile.TarError, zipfile.BadZipFile)):
+        return (f"a file ended early or is damaged ({type(exc).__name__}: {msg}); if it is an archive, "
+                "download or copy it again (nothing was written)")
+    if isinstance(exc, KeyError):
+        return f"missing entry {msg} (run with `dfml-bench --debug ...` for the traceback)"
+    if isinstance(exc, _INPUT_ERRORS):
+        return msg
+    return (f"unexpected {type(exc).__name__}: {msg}. This is a bug in dfml-bench or a plugin: "
+            "run the same command as `dfml-bench --debug ...` for the traceback and report it")
+
+
+class _Main(click.Group):
+    """The command group: no Python traceback reaches a user (``--debug`` or DFML_BENCH_DEBUG=1 shows it)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as exc:
+            if ctx.meta.get("dfml_debug") or os.environ.get("DFML_BENCH_DEBUG") == "1":
+                raise
+            raise click.ClickException(describe_error(exc)) from exc
+
+
+@click.group(cls=_Main)
 @click.version_option(__version__, prog_name="dfml-bench")
-def main() -> None:
+@click.option("--debug", is_flag=True, help="show Python tracebacks instead of one-line errors")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
     """dfml-bench: benchmark data-free meta-learning methods on frozen episodes."""
+    ctx.meta["dfml_debug"] = debug
 
 
 @main.command("list")
@@ -61,15 +97,18 @@ def list_cmd(what: str) -> None:
 @click.option("--methods", help="comma-separated methods (default: the suite's)")
 @click.option("--seeds", help="comma-separated seeds (default: the suite's)")
 @click.option("--episodes", type=click.IntRange(min=1), help="number of test episodes (default: the scenario's, 600)")
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("results"), show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("results"), show_default=True)
 @click.option("--data-root", type=click.Path(path_type=Path), help="root of real datasets (default $DFML_BENCH_DATA)")
 @click.option("--quiet", is_flag=True, help="no progress bars")
 @click.option("--plan", "plan_only", is_flag=True, help="print the jobs, their dependencies and what is done; run nothing")
 @click.option("--launcher", type=click.Choice(["local", "submitit"]), default="local", show_default=True,
               help="local: worker processes on this machine; submitit: Slurm jobs through submitit")
-@click.option("--jobs", "n_jobs", type=click.IntRange(min=1), default=1, show_default=True,
-              help="local launcher: worker processes (1 = serial, in this process)")
+@click.option("--jobs", "n_jobs", type=click.IntRange(min=1), default=None,
+              help="local launcher: worker processes (default 1 = serial, in this process)")
+@click.option("--threads", type=click.IntRange(min=1), default=PROTOCOL_THREADS, show_default=True,
+              help="torch threads of every job, whatever the launcher (part of the protocol: results are "
+                   "identical only between runs with the same count; recorded in each record)")
 @click.option("--plugin", "plugins", multiple=True,
               help="module or .py file that workers import first (for suites/methods registered in-process)")
 @click.option("--slurm-config", type=click.Path(dir_okay=False, exists=True, path_type=Path),
@@ -78,44 +117,60 @@ def list_cmd(what: str) -> None:
 @click.option("--time-min", type=click.IntRange(min=1), help="Slurm time limit per job, minutes (default 60)")
 @click.option("--gpus-per-job", type=click.IntRange(min=0), help="GPUs per Slurm job (>0 runs on cuda)")
 @click.option("--cpus-per-job", type=click.IntRange(min=1), help="CPUs per Slurm job (default 2)")
-@click.option("--mem-gb", type=float, help="memory per Slurm job, GB")
+@click.option("--mem-gb", type=click.FloatRange(min=0, min_open=True), help="memory per Slurm job, GB")
 @click.option("--array-parallelism", type=click.IntRange(min=1), help="Slurm array tasks running at once (default 64)")
 @click.option("--cluster", type=click.Choice(["slurm", "local", "debug"]), default=None,
               help="submitit executor (default: slurm when sbatch exists, else local)")
 @click.option("--no-wait", is_flag=True, help="submitit: submit and return; follow with `dfml-bench status OUT`")
-def run(suite_name, scale, methods, seeds, episodes, device, out, data_root, quiet, plan_only, launcher, n_jobs, plugins,
-        slurm_config, partition, time_min, gpus_per_job, cpus_per_job, mem_gb, array_parallelism, cluster, no_wait) -> None:
-    """Run a suite: every (scenario, method, seed) without a finished record; then print its table."""
+def run(suite_name, scale, methods, seeds, episodes, device, out, data_root, quiet, plan_only, launcher, n_jobs, threads,
+        plugins, slurm_config, partition, time_min, gpus_per_job, cpus_per_job, mem_gb, array_parallelism, cluster,
+        no_wait) -> None:
+    """Run a suite: every (scenario, method, seed) without a finished record; then print its table.
+
+    Every argument is checked before any work starts. Two runs into one --out never run a job twice:
+    a job another run is working on is left to it (this run waits for it at the end)."""
+    from .inputs import (check_device, check_launcher_options, check_out_dir, check_plugins, parse_methods,
+                         parse_seeds)
     from .jobs import JobContext, format_plan, plan_states, plan_suite
     from .launchers import LocalLauncher, SlurmConfig, SubmititLauncher
+    from .paths import home
     from .runner import _validate_methods
     from .scenarios import get_suite
 
     log = lambda m: click.echo(m, err=True)  # noqa: E731
-    try:
-        suite = get_suite(suite_name, scale)
-        seed_list = [int(s) for s in _split(seeds)] if seeds else None
-        method_list = _split(methods)
-        _validate_methods(method_list or suite.methods)
-        plan = plan_suite(suite, method_list, seed_list)
-        ctx = JobContext(out=str(out), device=device, episodes=episodes, data_root=str(data_root) if data_root else None,
-                         plugins=tuple(plugins))
-        if plan_only:
-            click.echo(format_plan(plan, plan_states(out, plan, check_zoo=True, data_root=ctx.data_root)))
+    slurm_flags = {"--slurm-config": slurm_config, "--partition": partition, "--time-min": time_min,
+                   "--gpus-per-job": gpus_per_job, "--cpus-per-job": cpus_per_job, "--mem-gb": mem_gb,
+                   "--array-parallelism": array_parallelism, "--cluster": cluster, "--no-wait": no_wait}
+    # every check first, cheapest first: nothing is loaded, built or written until all of them pass
+    seed_list = parse_seeds(seeds)
+    method_list = parse_methods(methods)
+    check_launcher_options(launcher, n_jobs, slurm_flags)
+    check_plugins(plugins)  # before the suite and methods: a plugin may register them
+    suite = get_suite(suite_name, scale)
+    _validate_methods(method_list or suite.methods)
+    local_gpu = launcher == "local" or cluster in ("local", "debug")
+    device = check_device(device, available=local_gpu)
+    cfg = None
+    if launcher == "submitit":
+        flags = dict(partition=partition, time_min=time_min, gpus_per_job=gpus_per_job, cpus_per_job=cpus_per_job,
+                     mem_gb=mem_gb, array_parallelism=array_parallelism)
+        cfg = (SlurmConfig.from_file(slurm_config, **flags) if slurm_config
+               else SlurmConfig(**{k: v for k, v in flags.items() if v is not None}))
+    home()  # the cache (zoos, episodes) must be usable: said now, not by every job
+    check_out_dir(out, create=not plan_only)  # last: the folder is made only once everything else is right
+    plan = plan_suite(suite, method_list, seed_list)
+    ctx = JobContext(out=str(out), device=device, episodes=episodes, data_root=str(data_root) if data_root else None,
+                     plugins=tuple(plugins), threads=threads)
+    if plan_only:
+        click.echo(format_plan(plan, plan_states(out, plan, check_zoo=True, data_root=ctx.data_root)))
+        return
+    if cfg is not None:
+        states = SubmititLauncher(cfg, cluster=cluster, wait=not no_wait, log=log).launch(plan, ctx)
+        if no_wait:
+            click.echo(format_plan(plan, states))
             return
-        if launcher == "submitit":
-            flags = dict(partition=partition, time_min=time_min, gpus_per_job=gpus_per_job, cpus_per_job=cpus_per_job,
-                         mem_gb=mem_gb, array_parallelism=array_parallelism)
-            cfg = (SlurmConfig.from_file(slurm_config, **flags) if slurm_config
-                   else SlurmConfig(**{k: v for k, v in flags.items() if v is not None}))
-            states = SubmititLauncher(cfg, cluster=cluster, wait=not no_wait, log=log).launch(plan, ctx)
-            if no_wait:
-                click.echo(format_plan(plan, states))
-                return
-        else:
-            states = LocalLauncher(n_jobs, progress=not quiet, log=log).launch(plan, ctx)
-    except (ValueError, RuntimeError) as exc:
-        _fail(exc)
+    else:
+        states = LocalLauncher(n_jobs or 1, progress=not quiet, log=log).launch(plan, ctx)
     from .report import build_report, render_text
     from .validate import load_records
 
@@ -141,27 +196,30 @@ def run(suite_name, scale, methods, seeds, episodes, device, out, data_root, qui
 @click.option("--set", "overrides", multiple=True, help="KEY=VALUE parameter applied to every variant (JSON values)")
 @click.option("--episodes", type=click.IntRange(min=1), help="number of test episodes (default: the scenario's)")
 @click.option("--device", default="cpu", show_default=True)
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("results"), show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("results"), show_default=True)
 @click.option("--quiet", is_flag=True)
 def ablate(suite_name, method, switches, scale, seeds, overrides, episodes, device, out, quiet) -> None:
     """Run METHOD with each component switched off in turn (records under OUT/ablations/) and print the
     table of differences to the full method on the same test episodes."""
     from .ablation import ablation_table, run_ablation
-    from .methods import MethodError
+    from .inputs import check_device, check_out_dir, parse_methods, parse_seeds, split_list
     from .results import ABLATIONS_DIR
-    from .runner import RunOptions
-    from .scenarios import SuiteError, get_suite
+    from .runner import RunOptions, _validate_methods
+    from .scenarios import get_suite
     from .utils import parse_params
 
-    try:
-        suite = get_suite(suite_name, scale)
-        params = parse_params(overrides)
-        opts = RunOptions(out=out, device=device, episodes=episodes, progress=not quiet, log=None if quiet else click.echo,
-                          method_params={method: params})
-        paths = run_ablation(suite, method, [int(s) for s in _split(seeds) or [0]], opts, _split(switches))
-        table = ablation_table(paths)
-    except (ValueError, KeyError, MethodError, SuiteError) as exc:
-        _fail(exc)
+    seed_list = parse_seeds(seeds)
+    switch_list = split_list(switches, "--switches", "switch", "use_kd,use_boundary") if switches is not None else None
+    parse_methods(method, "--method")
+    params = parse_params(overrides)
+    suite = get_suite(suite_name, scale)
+    _validate_methods([method])
+    device = check_device(device)
+    check_out_dir(out)
+    opts = RunOptions(out=out, device=device, episodes=episodes, progress=not quiet, log=None if quiet else click.echo,
+                      method_params={method: params})
+    paths = run_ablation(suite, method, seed_list, opts, switch_list)
+    table = ablation_table(paths)
     dest = out / ABLATIONS_DIR / f"{suite.name}-{scale}-{method}.md"
     dest.write_text(f"# Ablation of {method} on {suite.name} ({scale}), seeds {seeds}\n\n"
                     f"Parameters of every variant: {params or 'defaults'}\n\n{table}\n")
@@ -181,13 +239,19 @@ def compare(method, against, results, suite_name, alpha, n_boot) -> None:
     difference, bootstrap CI, paired Wilcoxon-Pratt and t p-values; says whether METHOD wins in every seed."""
     from tabulate import tabulate
 
-    from .results import iter_records, read_record
+    from .inputs import BadInput, parse_methods
     from .stats import compare_per_seed
+    from .validate import load_records
 
-    recs = [read_record(p) for p in iter_records(results)]
-    recs = [r for r in recs if suite_name is None or r.key.suite == suite_name]
+    others = parse_methods(against, "--against")
+    if method in others:
+        raise BadInput(f"--against {against!r} names --method {method!r} itself; compare it with other methods")
+    rs = load_records(results, suite=suite_name)  # the leaderboard's checks: a record it rejects is not compared
+    for bad in rs.invalid:
+        click.echo(f"rejected {bad.path}: {bad.reason} (not compared)", err=True)
+    recs = rs.ok
     found = False
-    for other in _split(against) or []:
+    for other in others:
         for c in compare_per_seed(recs, method, other, n_boot=n_boot):
             found = True
             labelled = [(f"seed {s}", t) for s, t in sorted(c.per_seed.items())] + [("pooled", c.pooled)]
@@ -208,11 +272,8 @@ def status(run_dir, show_all) -> None:
     """Show the jobs of a run folder: done / running / failed / pending, with reasons."""
     from .jobs import format_plan, run_status
 
-    try:
-        for plan, states in run_status(run_dir):
-            click.echo(format_plan(plan, states, hide_done=not show_all))
-    except FileNotFoundError as exc:
-        _fail(exc)
+    for plan, states in run_status(run_dir):  # a garbage plan file is a one-line error naming it
+        click.echo(format_plan(plan, states, hide_done=not show_all))
 
 
 @main.command()
@@ -222,11 +283,16 @@ def status(run_dir, show_all) -> None:
               help="paired-bootstrap resamples per comparison")
 def leaderboard(results, out, n_boot) -> None:
     """Regenerate leaderboard.md from the result records (each validated first; rejected ones are listed)."""
+    from .inputs import BadInput, check_input_dir, check_out_file
     from .leaderboard import write_leaderboard
-    from .validate import load_records
+    from .validate import load_records, load_reported
 
-    path = write_leaderboard(results, out, n_boot=n_boot)
+    check_input_dir(results, "--results")  # a mistyped folder must not overwrite the page with an empty one
+    check_out_file(out)
     rs = load_records(results)
+    if not (rs.ok or rs.not_ok or rs.invalid or any(load_reported(results))):
+        raise BadInput(f"--results {results}: no result records there (is it the right folder?); {out} was left as it was")
+    path = write_leaderboard(results, out, n_boot=n_boot)
     click.echo(f"wrote {path}: {len(rs.ok)} records counted, {len(rs.not_ok)} failed/skipped listed, "
                f"{len(rs.invalid)} invalid rejected")
     for bad in rs.invalid:
@@ -237,7 +303,7 @@ def leaderboard(results, out, n_boot) -> None:
 @click.argument("run_dir", required=False, type=click.Path(file_okay=False, exists=True, path_type=Path))
 @click.option("--suite", "suite_name", help="report only this suite (records under RUN_DIR, default results/)")
 @click.option("--scale", type=click.Choice(["cpu", "paper"]), help="report only this scale")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="folder for report.md, CSVs, plots (default RUN_DIR/report)")
+@click.option("--out", type=click.Path(path_type=Path), help="folder for report.md, CSVs, plots (default RUN_DIR/report)")
 @click.option("--format", "fmt", type=click.Choice(["markdown", "plain"]), default="plain", show_default=True,
               help="how the tables are printed")
 @click.option("--alpha", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.05, show_default=True)
@@ -247,6 +313,7 @@ def leaderboard(results, out, n_boot) -> None:
 @click.option("--no-plots", is_flag=True)
 def report(run_dir, suite_name, scale, out, fmt, alpha, rule, n_boot, no_plots) -> None:
     """Significance-tested tables of a run folder (or of one suite): print them, write markdown, CSV and plots."""
+    from .inputs import check_out_dir
     from .report import build_report, render_text, write_report
     from .validate import load_records
 
@@ -254,9 +321,12 @@ def report(run_dir, suite_name, scale, out, fmt, alpha, rule, n_boot, no_plots) 
     if not root.exists():
         _fail(FileNotFoundError(f"no results folder {root}; pass the --out folder of `dfml-bench run`"))
     rs = load_records(root, suite=suite_name, scale=scale)
-    if not rs.ok and not rs.not_ok and not rs.invalid:
-        what = f" of suite {suite_name!r}" + (f" at scale {scale}" if scale else "") if suite_name else ""
-        _fail(ValueError(f"no result records{what} under {root}"))
+    if not rs.ok and not rs.not_ok and (suite_name or scale or not rs.invalid):
+        what = (f" of suite {suite_name!r}" if suite_name else "") + (f" at scale {scale}" if scale else "")
+        everything = load_records(root)
+        have = sorted({f"{r.key.suite} ({r.key.scale})" for r in everything.ok + everything.not_ok})
+        _fail(ValueError(f"no result records{what} under {root}" + (f"; it has records of: {', '.join(have)}" if have else "")))
+    check_out_dir(out or root / "report", "--out")
     rep = build_report(rs, alpha=alpha, rule=rule, n_boot=n_boot)
     click.echo(render_text(rep, "github" if fmt == "markdown" else "simple"))
     paths = write_report(rep, out or root / "report", plots=not no_plots)
@@ -267,40 +337,40 @@ def report(run_dir, suite_name, scale, out, fmt, alpha, rule, n_boot, no_plots) 
 @click.option("--suite", "suite_name", required=True, help="the leaderboard suite to submit to")
 @click.option("--method", "method_name", required=True, help="your method's entry-point name (see `dfml-bench list methods`)")
 @click.option("--scale", type=click.Choice(["cpu", "paper"]), default="cpu", show_default=True)
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("results"), show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("results"), show_default=True)
 @click.option("--data-root", type=click.Path(path_type=Path), help="root of real datasets (default $DFML_BENCH_DATA)")
 @click.option("--jobs", "n_jobs", type=click.IntRange(min=1), default=1, show_default=True, help="local worker processes")
 @click.option("--quiet", is_flag=True, help="no progress bars")
 def submit(suite_name, method_name, scale, device, out, data_root, n_jobs, quiet) -> None:
     """Run METHOD on every scenario of SUITE with the seeds the leaderboard requires (the suite's
     leaderboard_seeds, all test episodes) and write validated records ready for a pull request."""
+    from .inputs import check_device, check_out_dir
     from .jobs import JobContext, plan_suite
     from .launchers import LocalLauncher
     from .methods import get_method
     from .report import first_line
     from .runner import _validate_methods
     from .scenarios import get_suite
-    from .validate import InvalidRecord, validate_file
+    from .validate import check_record
 
     log = lambda m: click.echo(m, err=True)  # noqa: E731
-    try:
-        suite = get_suite(suite_name, scale)
-        _validate_methods([method_name])
-        get_method(method_name)  # a plugin that fails to import (or is not a Method) stops here, with its error
-        plan = plan_suite(suite, [method_name], list(suite.leaderboard_seeds))
-        ctx = JobContext(out=str(out), device=device, episodes=None, data_root=str(data_root) if data_root else None)
-        LocalLauncher(n_jobs, progress=not quiet, log=log).launch(plan, ctx)
-    except (ValueError, RuntimeError) as exc:
-        _fail(exc)
+    suite = get_suite(suite_name, scale)
+    _validate_methods([method_name])
+    get_method(method_name)  # a plugin that fails to import (or is not a Method) stops here, with its error
+    device = check_device(device)
+    check_out_dir(out)
+    plan = plan_suite(suite, [method_name], list(suite.leaderboard_seeds))
+    ctx = JobContext(out=str(out), device=device, episodes=None, data_root=str(data_root) if data_root else None)
+    LocalLauncher(n_jobs, progress=not quiet, log=log).launch(plan, ctx)
     files, problems = [], []
     for j in plan.run_jobs:
         path = j.key.path(out)
-        try:
-            rec = validate_file(path, out)
-        except (InvalidRecord, FileNotFoundError) as exc:
-            problems.append(f"{path}: {exc}")
+        chk = check_record(out, j.key)
+        if chk.state in ("missing", "invalid"):
+            problems.append(f"{path}: {chk.reason or 'no record was written'}")
             continue
+        rec = chk.record
         if rec.status == "failed":
             problems.append(f"{path}: failed: {first_line(rec.error)}")
         else:
@@ -332,7 +402,9 @@ def data_show(name, out, data_root, seed) -> None:
     """Write a PNG grid of sample classes of each split."""
     from .datasets import load_dataset
     from .datasets.show import save_grid
+    from .inputs import check_out_file
 
+    check_out_file(out or Path(f"{name}-samples.png"))
     try:
         ds = load_dataset(name, seed=seed, data_root=str(data_root) if data_root else None)
     except (ValueError, RuntimeError) as exc:
@@ -400,19 +472,22 @@ def _zoo_specs(suite_name: str, scale: str, scenario: str | None):
 @click.option("--scenario")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--data-root", type=click.Path(path_type=Path))
-def zoo_build(suite_name, scale, scenario, device, data_root) -> None:
+@click.option("--threads", type=click.IntRange(min=1), default=PROTOCOL_THREADS, show_default=True,
+              help="torch threads (as `run --threads`; a zoo built with another count differs in its last bits)")
+def zoo_build(suite_name, scale, scenario, device, data_root, threads) -> None:
     """Build (or repair) the zoos a suite needs, with progress."""
     from .datasets import load_dataset
-    from .runner import resolve_device
+    from .inputs import check_device
+    from .threads import fixed_threads
     from .zoo import build_zoo
 
-    try:
-        for s in _zoo_specs(suite_name, scale, scenario):
+    device = check_device(device)
+    specs = _zoo_specs(suite_name, scale, scenario)
+    with fixed_threads(threads):  # the protocol's thread count, as in a run: the same zoo, bit for bit
+        for s in specs:
             ds = load_dataset(s.dataset, seed=s.dataset_seed, data_root=str(data_root) if data_root else None, scale=scale)
-            z = build_zoo(s.zoo, ds, device=resolve_device(device), log=lambda m: click.echo(m, err=True))
+            z = build_zoo(s.zoo, ds, device=device, log=lambda m: click.echo(m, err=True))
             click.echo(_zoo_line(z))
-    except (ValueError, RuntimeError) as exc:
-        _fail(exc)
 
 
 @zoo.command("show")

@@ -11,17 +11,20 @@ cannot be installed here:
 
 - :func:`inner_adapt` is the reusable functional inner loop (MAML, first- or second-order, any loss,
   e.g. soft-target distillation); methods call it for meta-training.
-- :func:`evaluate` adapts many episodes at once with ``vmap`` over the per-episode adaptation
-  (convolutions with per-episode weights become grouped convolutions), in chunks whose size comes from a
-  memory estimate, and predicts the query sets with ``vmap`` too on accelerators; on CPU the query
-  forward (75 images per episode, already a large batch) runs per episode in channels-last layout, which
-  oneDNN runs ~3x faster than the grouped form. :func:`evaluate_loop` is the plain per-episode loop,
-  the fallback for architectures where ``vmap`` fails and the reference ``evaluate`` is tested against.
-  On a 2-core CPU the two take about the same time (Conv4-32 adaptation of 5 images is small either
-  way; see ``benchmarks/bench_evaluation.py``); the batched path is the one that scales on a GPU.
-- Grouped and plain convolutions round differently (~1e-4 in the logits after 10 steps), so a query
-  whose two best logits are that close can flip between :func:`evaluate` and :func:`evaluate_loop`;
-  in 600 random-model episodes that is a handful of single-query differences.
+- :func:`evaluate` on CPU splits whole episodes over worker threads (one intra-op thread each; the
+  per-episode adaptation uses ``torch.autograd.grad``, which, unlike ``torch.func.grad``, may run in
+  several threads at once, and each thread has its own copy of the network because ``functional_call``
+  swaps a module's tensors while it runs). Each episode's images are adapted and predicted as plain
+  channels-last convolutions, which oneDNN runs at a good fraction of the machine's matrix-product
+  speed; grouped convolutions (``vmap``) and im2col batched matrix products over episodes
+  (:mod:`dfml_bench.batched`) were measured slower on CPU (``benchmarks/bench_evaluation.py --all``):
+  at 5 support images the per-layer elementwise work (BatchNorm, pooling, im2col) dominates, and oneDNN
+  fuses it better. The result of every episode is computed by the same single-threaded code, so the
+  accuracies do not depend on the number of workers, the chunking or the caller's thread count, and
+  equal :func:`evaluate_loop` (the plain serial loop, the test oracle) exactly.
+- :func:`evaluate_vmap` is the accelerator path (and ``evaluate``'s on CUDA): episodes adapted in chunks
+  with one ``vmap`` each, chunk size from a memory estimate. Grouped and plain convolutions round
+  differently (~1e-4 in the logits after 10 steps), so a near-tied query can flip between it and the loop.
 - :func:`summarize` gives mean +- 95 % CI as the literature reports it.
 """
 
@@ -29,6 +32,9 @@ from __future__ import annotations
 
 import copy
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -40,6 +46,7 @@ from torch.func import functional_call, grad, vmap
 from .datasets.base import ImageDataset
 from .episodes import EpisodeSet
 
+CPU_CHUNK = 10  # episodes per work item when episodes are split over CPU worker threads
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Progress = Callable[[int, int], None]
 
@@ -146,6 +153,19 @@ def _cpu_layout(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _adapt_episode(net: nn.Module, params, buffers, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float):
+    """One episode's test-time adaptation with ``torch.autograd.grad`` (the same SGD as :func:`inner_adapt`
+    with ``create_graph=False``); unlike ``torch.func.grad`` it may run in several threads at once."""
+    fast = {k: v.detach() for k, v in params.items()}
+    for _ in range(steps):
+        fast = {k: v.requires_grad_(True) for k, v in fast.items()}
+        with torch.enable_grad():
+            loss = F.cross_entropy(functional_call(net, (fast, buffers), (x,)), y)
+            grads = torch.autograd.grad(loss, list(fast.values()))
+        fast = {k: (v - lr * g).detach() for (k, v), g in zip(fast.items(), grads)}
+    return fast
+
+
 def adapted_query_logits(
     net: nn.Module,
     protocol: AdaptProtocol,
@@ -183,7 +203,7 @@ def adapted_query_logits(
             adapted = vmap(adapt)(sx, sy) if steps > 0 else {k: v.expand(e, *v.shape) for k, v in params.items()}
             per_episode = None
         else:
-            per_episode = [adapt(_cpu_layout(sx[i]), sy[i]) for i in range(e)]
+            per_episode = [_adapt_episode(net, params, buffers, _cpu_layout(sx[i]), sy[i], steps, lr) for i in range(e)]
             adapted = None
         if batched_query:
             if adapted is None:
@@ -274,23 +294,62 @@ def _accuracies(logits: torch.Tensor, qy: torch.Tensor) -> torch.Tensor:
     return correct.to("cpu", torch.float64) / qy.shape[-1]
 
 
-def _run(model, dataset, episodes, protocol, device, chunk_size, progress, batched: bool) -> torch.Tensor:
+def _check_args(protocol, chunk_size, workers) -> None:
     if not isinstance(protocol, AdaptProtocol):
         raise TypeError(f"protocol must be an AdaptProtocol, got {type(protocol).__name__}")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+    if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 1):
+        raise ValueError(f"workers must be a positive integer or None, got {workers!r}")
+
+
+@contextmanager
+def _intra_op_threads(n: int):
+    """Torch's intra-op thread count set to ``n`` for the block (process-wide), restored afterwards."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
+
+
+def _run(model, dataset, episodes, protocol, device, chunk_size, progress, batched: bool, workers: int = 1) -> torch.Tensor:
     device = torch.device(device)
     net = _prepare(model, dataset, episodes, device)
     n = len(episodes)
     if chunk_size is None:
-        chunk_size = auto_chunk_size(net, episodes, dataset.image_shape, device) if batched else min(n, 50)
-    acc = torch.empty(n, dtype=torch.float64)
-    for start in range(0, n, chunk_size):
+        if batched:
+            chunk_size = auto_chunk_size(net, episodes, dataset.image_shape, device)
+        else:
+            chunk_size = min(n, CPU_CHUNK if workers > 1 else 50)
+    starts = list(range(0, n, chunk_size))
+    local = threading.local()  # functional_call swaps a module's tensors while it runs: one copy per thread
+
+    def chunk(start: int) -> torch.Tensor:
         stop = min(n, start + chunk_size)
+        own = net if workers == 1 else getattr(local, "net", None)
+        if own is None:
+            own = local.net = copy.deepcopy(net)
         sx, sy, qx, qy = episodes.tensors(dataset, slice(start, stop), device)
-        acc[start:stop] = _accuracies(adapted_query_logits(net, protocol, sx, sy, qx, batched=batched), qy)
-        if progress is not None:
-            progress(stop, n)
+        return _accuracies(adapted_query_logits(own, protocol, sx, sy, qx, batched=batched), qy)
+
+    acc = torch.empty(n, dtype=torch.float64)
+    if workers == 1:
+        results = map(chunk, starts)
+        pool = None
+    else:
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dfml-eval")
+        results = pool.map(chunk, starts)  # yields in submission order: progress and results stay ordered
+    try:
+        for start, a in zip(starts, results):
+            stop = min(n, start + chunk_size)
+            acc[start:stop] = a
+            if progress is not None:
+                progress(stop, n)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
     return acc
 
 
@@ -303,14 +362,44 @@ def evaluate(
     device: str | torch.device = "cpu",
     chunk_size: int | None = None,
     progress: Progress | None = None,
+    workers: int | None = None,
 ) -> torch.Tensor:
     """Per-episode query accuracy (float64 ``[E]`` on CPU) of ``model`` adapted by ``protocol``.
 
-    Episodes are processed in chunks of ``chunk_size`` (default: :func:`auto_chunk_size`), each chunk
-    with one ``vmap`` over the episodes. The model is copied (BatchNorm switched to batch statistics)
-    and never modified. On CPU the result is bit-identical across calls with the same inputs, chunk
-    size and thread count. ``progress(done, total)`` is called after each chunk.
+    On CPU, whole episodes are split over ``workers`` threads (default: torch's intra-op thread count
+    at the call), each running the per-episode adaptation with ONE intra-op thread: every episode is
+    computed by the same single-threaded code whatever the number of workers, the chunking or the
+    caller's thread count, so the accuracies are bit-identical across all of them (and equal to
+    :func:`evaluate_loop` run with one thread). This is the fastest CPU form measured
+    (``benchmarks/bench_evaluation.py``): oneDNN's channels-last convolution of one episode's images
+    beats grouped convolutions (``vmap``) and im2col batched matrix products over episodes
+    (:mod:`dfml_bench.batched`), which are memory-bound at these sizes. On accelerators, episodes are
+    processed in chunks of ``chunk_size`` (default: :func:`auto_chunk_size`) with one ``vmap`` each.
+    The model is copied (BatchNorm switched to batch statistics) and never modified.
+    ``progress(done, total)`` is called after each chunk, in episode order.
     """
+    _check_args(protocol, chunk_size, workers)
+    if torch.device(device).type != "cpu":
+        return _run(model, dataset, episodes, protocol, device, chunk_size, progress, batched=True)
+    workers = max(1, torch.get_num_threads()) if workers is None else workers
+    with _intra_op_threads(1):
+        return _run(model, dataset, episodes, protocol, device, chunk_size, progress, batched=False, workers=workers)
+
+
+def evaluate_vmap(
+    model: nn.Module,
+    dataset: ImageDataset,
+    episodes: EpisodeSet,
+    protocol: AdaptProtocol,
+    *,
+    device: str | torch.device = "cpu",
+    chunk_size: int | None = None,
+    progress: Progress | None = None,
+) -> torch.Tensor:
+    """:func:`evaluate` with the episodes of a chunk adapted by one ``vmap`` on any device (the accelerator
+    path; on CPU kept for comparison in the benchmark). Grouped and plain convolutions round differently,
+    so a near-tied query can flip against :func:`evaluate_loop`."""
+    _check_args(protocol, chunk_size, None)
     return _run(model, dataset, episodes, protocol, device, chunk_size, progress, batched=True)
 
 
@@ -324,8 +413,9 @@ def evaluate_loop(
     chunk_size: int | None = None,
     progress: Progress | None = None,
 ) -> torch.Tensor:
-    """Same as :func:`evaluate` with a Python loop over episodes (``chunk_size`` only sets how many
-    episodes' images are gathered at once); the fallback where ``vmap`` fails."""
+    """The plain serial loop over episodes in the caller's thread with the caller's thread count (the test
+    oracle of :func:`evaluate`; ``chunk_size`` only sets how many episodes' images are gathered at once)."""
+    _check_args(protocol, chunk_size, None)
     return _run(model, dataset, episodes, protocol, device, chunk_size, progress, batched=False)
 
 

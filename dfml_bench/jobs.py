@@ -24,6 +24,8 @@ in this process, and launchers add them automatically; installed entry points ne
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import importlib
 import importlib.util
 import json
@@ -34,8 +36,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .results import RunKey, read_record
+from .results import RunKey
+from .validate import check_record
 from .scenarios import Scenario, Suite
+from .threads import PROTOCOL_THREADS
 from .utils import atomic_write_json, sha256_json
 
 JOBS_DIR = ".jobs"
@@ -76,6 +80,7 @@ class JobContext:
     method_params: dict = field(default_factory=dict)
     isolated_apis: bool = True
     plugins: tuple[str, ...] = ()
+    threads: int = PROTOCOL_THREADS  # torch intra-op threads of every job, whatever the launcher (threads.py)
 
 
 @dataclass
@@ -160,8 +165,34 @@ def save_plan(out: str | Path, plan: Plan) -> Path:
     return path
 
 
+class PlanFileError(ValueError):
+    """A file under ``.jobs/`` that is not a job plan (edited, truncated, or not written by dfml-bench)."""
+
+
+def read_plan(path: str | Path) -> Plan:
+    """One saved plan; :class:`PlanFileError` naming the file and the fix if it is not one."""
+    path = Path(path)
+    fix = "delete it and re-run the `dfml-bench run` command that made this folder (it rewrites the plan)"
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PlanFileError(f"{path} is not a readable job plan ({exc}); {fix}") from exc
+    try:
+        if not isinstance(d, dict) or not isinstance(d.get("jobs"), list):
+            raise TypeError("expected an object with 'suite', 'scale' and a list of 'jobs'")
+        plan = Plan.from_dict(d)
+        for j in plan.jobs:
+            if j.kind not in ("zoo", "run") or not all(isinstance(v, str) for v in (j.id, j.suite, j.scale, j.scenario)):
+                raise TypeError(f"job {j.id!r} has an unknown kind or non-text fields")
+            if j.kind == "run" and (not isinstance(j.method, str) or not isinstance(j.seed, int) or isinstance(j.seed, bool)):
+                raise TypeError(f"run job {j.id!r} needs a method name and an integer seed")
+    except (TypeError, KeyError, AttributeError) as exc:
+        raise PlanFileError(f"{path} is not a job plan: {exc}; {fix}") from exc
+    return plan
+
+
 def load_plans(out: str | Path) -> list[Plan]:
-    return [Plan.from_dict(json.loads(p.read_text())) for p in sorted(jobs_dir(out).glob("plan-*.json"))]
+    return [read_plan(p) for p in sorted(jobs_dir(out).glob("plan-*.json"))]
 
 
 def write_status(out: str | Path, job: Job, state: str, **info) -> None:
@@ -170,7 +201,7 @@ def write_status(out: str | Path, job: Job, state: str, **info) -> None:
     prev = read_status(out, job.id) or {}
     doc = {"id": job.id, "kind": job.kind, "state": state, "host": socket.gethostname(), "pid": os.getpid(),
            "updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-           "attempts": prev.get("attempts", 0) + (1 if state == "running" else 0)}
+           "attempts": _int(prev.get("attempts")) + (1 if state == "running" else 0)}
     for k in ("slurm_job_id",):
         if k in prev:
             doc[k] = prev[k]
@@ -181,11 +212,95 @@ def write_status(out: str | Path, job: Job, state: str, **info) -> None:
     atomic_write_json(path, doc)
 
 
+def _int(v) -> int:
+    return v if isinstance(v, int) and not isinstance(v, bool) else 0
+
+
 def read_status(out: str | Path, job_id: str) -> dict | None:
+    """A job's status file, or None if there is none or it is not one (garbage is ignored: records and
+    claims, not status files, decide what is done)."""
     try:
-        return json.loads(status_path(out, job_id).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        d = json.loads(status_path(out, job_id).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
+    if not isinstance(d, dict) or not isinstance(d.get("state"), str):
+        return None
+    return d
+
+
+# ---------------------------------------------------------------------------------------------- claims
+
+
+def claim_path(out: str | Path, job_id: str) -> Path:
+    return jobs_dir(out) / f"{_safe(job_id)}.claim"
+
+
+class JobClaim:
+    """The right to run one job of a run folder, held by one process at a time: an exclusive
+    ``flock`` on ``.jobs/<job>.claim``. Two runs into one ``--out`` (two terminals, a local run and a
+    Slurm array, two pool workers) therefore never run a job twice: the second sees it claimed and
+    waits or moves on. The kernel drops the lock when its holder exits, however it exits, so a killed
+    run leaves no stale claim. The file records who holds it (host, pid, time), for messages."""
+
+    def __init__(self, out: str | Path, job_id: str):
+        self.path = claim_path(out, job_id)
+        self.job_id = job_id
+        self._fd: int | None = None
+
+    def acquire(self, wait: bool = False) -> bool:
+        """Take the claim; without ``wait`` return False at once if another process holds it."""
+        if self._fd is not None:
+            return True
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                return False
+            raise
+        self._fd = fd
+        info = json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                           "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}).encode()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, info, 0)
+        return True
+
+    def holder(self) -> str:
+        """Who holds the claim, as far as its file says ('another process' if it cannot be read)."""
+        try:
+            d = json.loads(self.path.read_text())
+            return f"pid {d['pid']} on {d['host']} since {d['since']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "another process"
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "JobClaim":
+        self.acquire(wait=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def claimed_elsewhere(out: str | Path, job_id: str) -> str | None:
+    """Who is running ``job_id`` right now if another process holds its claim, else None."""
+    c = JobClaim(out, job_id)
+    if not c.path.exists():
+        return None
+    if c.acquire(wait=False):
+        c.release()
+        return None
+    return c.holder()
 
 
 def _pid_alive(pid: int) -> bool:
@@ -215,17 +330,16 @@ def job_state(out: str | Path, job: Job, *, check_zoo: bool = False, data_root: 
     (the worker died or was cancelled). Zoo jobs: the status file, or, with ``check_zoo``, the zoo
     cache itself."""
     if job.kind == "run":
-        path = job.key.path(out)
-        if path.exists():
-            try:
-                rec = read_record(path)
-                if rec.status == "ok":
-                    return "done", f"mean acc {rec.accuracy.get('mean', float('nan')):.4f} on {rec.resources.get('host', '?')} ({rec.resources.get('device', '?')})"
-                if rec.status == "skipped":
-                    return "done", f"skipped: {rec.error}"
-                return "failed", rec.error or "failed"
-            except Exception as exc:
-                return "failed", f"unreadable record: {exc}"
+        chk = check_record(out, job.key)  # the leaderboard's checks: a record it would reject is not done
+        rec = chk.record
+        if chk.state == "ok":
+            return "done", f"mean acc {rec.accuracy.get('mean', float('nan')):.4f} on {rec.resources.get('host', '?')} ({rec.resources.get('device', '?')})"
+        if chk.state == "skipped":
+            return "done", f"skipped: {rec.error}"
+        if chk.state == "failed":
+            return "failed", rec.error or "failed"
+        if chk.state == "invalid":
+            return "failed", f"record rejected ({chk.reason}); a re-run redoes it"
     st = read_status(out, job.id)
     if job.kind == "zoo":
         if check_zoo:
@@ -238,8 +352,14 @@ def job_state(out: str | Path, job: Job, *, check_zoo: bool = False, data_root: 
             return "done", st.get("note") or f"built on {st.get('host')}"
     if st is None:
         return "pending", "not started"
+    if st["state"] == "running" and claim_path(out, job.id).exists():
+        holder = claimed_elsewhere(out, job.id)
+        if holder is None:
+            return "failed", "its worker stopped without writing a record (killed?); a re-run redoes it"
+        return "running", holder + (f" (slurm {st['slurm_job_id']})" if st.get("slurm_job_id") else "")
     if st["state"] == "running":
-        if st.get("host") == socket.gethostname() and not _pid_alive(int(st.get("pid", -1))):
+        pid = st.get("pid")
+        if st.get("host") == socket.gethostname() and (not isinstance(pid, int) or pid <= 0 or not _pid_alive(pid)):
             return "failed", f"worker pid {st.get('pid')} died (no record was written); a re-run redoes it"
         return "running", f"on {st.get('host')} pid {st.get('pid')} since {st.get('updated_at')}" + (
             f" (slurm {st['slurm_job_id']})" if st.get("slurm_job_id") else "")

@@ -1,8 +1,9 @@
 """Launchers: hand the jobs of a plan (:mod:`dfml_bench.jobs`) to an engine that runs them.
 
 * :class:`LocalLauncher` runs them on this machine: ``jobs=1`` in this process, one after another
-  (the serial path); ``jobs=N`` in N long-lived worker processes (start method ``spawn``, torch
-  threads ``max(1, cores // N)`` each, one GPU each when several are visible), respecting
+  (the serial path); ``jobs=N`` in N long-lived worker processes (start method ``spawn``, one GPU
+  each when several are visible; every job, whichever launcher runs it, uses the protocol's torch
+  thread count, :mod:`dfml_bench.threads`), respecting
   dependencies: a run job starts only once its zoo job is done. A worker that dies midway (killed,
   out of memory) has its job marked failed and is replaced; the suite goes on.
 * :class:`SubmititLauncher` submits them to Slurm through submitit: zoo jobs first, then one job
@@ -19,7 +20,6 @@ leaves nothing partial, and a re-run resumes.
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 import sys
 import time
 import traceback
@@ -28,8 +28,9 @@ from multiprocessing.connection import wait as mp_wait
 from pathlib import Path
 from typing import Any, Callable
 
-from .jobs import Job, JobContext, Plan, import_plugins, plan_states, read_status, save_plan, write_status
+from .jobs import Job, JobClaim, JobContext, Plan, import_plugins, plan_states, read_status, save_plan, write_status
 from .results import is_finished
+from .threads import fixed_threads
 
 Log = Callable[[str], None]
 
@@ -46,13 +47,42 @@ def resolve_job_device(device: str) -> str:
     return device
 
 
-def execute_job(job: Job, ctx: JobContext, *, progress: bool = False, log: Log | None = None, bar=None) -> dict:
+def execute_job(job: Job, ctx: JobContext, *, progress: bool = False, log: Log | None = None, bar=None,
+                wait: bool = True) -> dict:
     """Run one job (in any process) and return ``{"id", "state", "error"}``. Never raises for a
-    job's own failure; the status file under ``ctx.out/.jobs/`` says what happened."""
-    from .runner import RunOptions, run_one
+    job's own failure; the status file under ``ctx.out/.jobs/`` says what happened.
 
+    The job is claimed first (:class:`dfml_bench.jobs.JobClaim`), so two runs into one folder never run
+    it twice: if another process holds the claim, ``wait`` waits for it and then uses its record (or runs
+    the job if the other one failed); without ``wait`` the state ``claimed`` comes back at once so that a
+    launcher can run other jobs first. The job runs with the protocol's thread count (``ctx.threads``),
+    whichever launcher called it, so its results do not depend on the launcher."""
     import_plugins(ctx.plugins)
     device = resolve_job_device(ctx.device)
+    log = log or (lambda m: None)
+    claim = JobClaim(ctx.out, job.id)
+    if not claim.acquire(wait=False):
+        holder = claim.holder()
+        if not wait:
+            log(f"{job.id} is being run by another dfml-bench process ({holder}); not running it twice, coming back to it later")
+            return {"id": job.id, "state": "claimed", "error": None, "holder": holder}
+        log(f"{job.id} is being run by another dfml-bench process ({holder}); waiting for it instead of running it twice")
+        claim.acquire(wait=True)
+        if job.kind == "run" and is_finished(ctx.out, job.key):
+            claim.release()
+            log(f"{job.id}: finished by the other process; not run again")
+            return {"id": job.id, "state": "done", "error": None}
+    try:
+        with fixed_threads(ctx.threads):
+            return _execute_claimed(job, ctx, device, progress=progress, log=log, bar=bar)
+    finally:
+        claim.release()
+
+
+def _execute_claimed(job: Job, ctx: JobContext, device: str, *, progress: bool, log: Log, bar) -> dict:
+    """:func:`execute_job` once this process holds the job's claim and the protocol's thread count is set."""
+    from .runner import RunOptions, run_one
+
     if job.kind == "run" and is_finished(ctx.out, job.key):
         write_status(ctx.out, job, "done", device=device, note="already finished; not recomputed")
         return {"id": job.id, "state": "done", "error": None}
@@ -73,7 +103,8 @@ def execute_job(job: Job, ctx: JobContext, *, progress: bool = False, log: Log |
             state, error, extra = "done", None, {"zoo": str(zoo.path)}
         elif job.kind == "run":
             opts = RunOptions(out=Path(ctx.out), device=device, episodes=ctx.episodes, data_root=ctx.data_root,
-                              progress=progress, log=log, method_params=dict(ctx.method_params), isolated_apis=ctx.isolated_apis)
+                              progress=progress, log=log, method_params=dict(ctx.method_params), isolated_apis=ctx.isolated_apis,
+                              threads=ctx.threads)
             rec = run_one(suite, scenario, job.method, int(job.seed), opts, bar)
             state = "failed" if rec.status == "failed" else "done"
             error, extra = rec.error, {"record_status": rec.status}
@@ -112,21 +143,20 @@ def _todo(plan: Plan, ctx: JobContext, check_zoo: bool = False) -> tuple[list[Jo
 # ---------------------------------------------------------------------------------------- local pool
 
 
-def _worker_main(conn, index: int, threads: int, ctx: JobContext) -> None:
-    """A worker process: set its threads and device, import plugins, then run the jobs it is sent."""
-    import torch
-
-    torch.set_num_threads(threads)
+def _worker_main(conn, index: int, ctx: JobContext) -> None:
+    """A worker process: import plugins, then run the jobs it is sent (``(job, wait)`` pairs); each job
+    sets the protocol's thread count itself."""
     import_plugins(ctx.plugins)
     while True:
         try:
-            job = conn.recv()
+            msg = conn.recv()
         except EOFError:
             return
-        if job is None:
+        if msg is None:
             return
+        job, wait = msg
         try:
-            result = execute_job(job, ctx)
+            result = execute_job(job, ctx, wait=wait)
         except BaseException as exc:  # execute_job only raises on interrupts; report and stop
             result = {"id": job.id, "state": "failed", "error": f"{type(exc).__name__}: {exc}"}
             conn.send(result)
@@ -150,8 +180,7 @@ class LocalLauncher:
         if jobs < 1:
             raise ValueError(f"--jobs must be at least 1, got {jobs}")
         self.jobs = jobs
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        self.threads = threads or max(1, cores // jobs)
+        self.threads = threads  # None: the JobContext's (the protocol's); set: overrides it for every job
         self.progress = progress
         self.log = log or (lambda m: None)
         self.plugins = tuple(plugins)
@@ -159,6 +188,8 @@ class LocalLauncher:
     def launch(self, plan: Plan, ctx: JobContext) -> dict[str, tuple[str, str]]:
         """Run every job of ``plan`` that is not done; return the final state of every job."""
         ctx = _with_plugins(ctx, self.plugins)
+        if self.threads is not None:
+            ctx = replace(ctx, threads=self.threads)
         import_plugins(ctx.plugins)
         save_plan(ctx.out, plan)
         todo, states = _todo(plan, ctx, check_zoo=self.jobs > 1)  # a worker started for a built zoo is wasted
@@ -175,12 +206,17 @@ class LocalLauncher:
         bar = tqdm(total=len(plan.run_jobs), initial=len(plan.run_jobs) - sum(j.kind == "run" for j in todo),
                    desc=f"suite {plan.suite} ({plan.scale})", disable=not self.progress)
         failed: set[str] = set()
-        for job in todo:
+        queue = [(job, False) for job in todo]
+        while queue:
+            job, wait = queue.pop(0)
             if any(d in failed for d in job.deps):
                 failed.add(job.id)
                 self.log(f"not running {job.id}: dependency {','.join(d for d in job.deps if d in failed)} failed")
                 continue
-            res = execute_job(job, ctx, progress=self.progress, log=self.log, bar=bar)
+            res = execute_job(job, ctx, progress=self.progress, log=self.log, bar=bar, wait=wait)
+            if res["state"] == "claimed":  # another run is on it: do the others first, then wait for it
+                queue.append((job, True))
+                continue
             if res["state"] == "failed":
                 failed.add(job.id)
                 self.log(f"FAILED {job.id}: {res['error']}")
@@ -201,7 +237,7 @@ class LocalLauncher:
                 n = 0
             if n > 1:
                 wctx = replace(ctx, device=f"cuda:{index % n}")  # one GPU per worker, round robin
-        proc = mpc.Process(target=_worker_main, args=(child, index, self.threads, wctx), name=f"dfml-worker-{index}", daemon=False)
+        proc = mpc.Process(target=_worker_main, args=(child, index, wctx), name=f"dfml-worker-{index}", daemon=False)
         proc.start()
         child.close()
         return _Worker(index, proc, parent)
@@ -212,6 +248,7 @@ class LocalLauncher:
         n_runs = sum(j.kind == "run" for j in todo)
         bar = tqdm(total=n_runs, desc=f"{n_runs} jobs on {self.jobs} workers", disable=not self.progress)
         pending = list(todo)
+        waits: set[str] = set()  # jobs found claimed by another run once: next time, wait for them
         failed: set[str] = set()
         workers = [self._spawn(i, ctx) for i in range(min(self.jobs, len(todo)))]
 
@@ -240,7 +277,7 @@ class LocalLauncher:
                             workers[workers.index(w)] = w = self._spawn(w.index, ctx)
                         pending.remove(ready)
                         w.job = ready
-                        w.conn.send(ready)
+                        w.conn.send((ready, ready.id in waits))
                 busy = [w for w in workers if w.job is not None]
                 if not busy:
                     break  # nothing running and nothing can start
@@ -249,6 +286,11 @@ class LocalLauncher:
                     if w.conn.poll():
                         try:
                             res = w.conn.recv()
+                            if res["state"] == "claimed":  # another run holds it: come back to it last, then wait
+                                waits.add(w.job.id)
+                                pending.append(w.job)
+                                w.job = None
+                                continue
                             finish(w, res["state"], res.get("error"))
                             continue
                         except (EOFError, OSError):
@@ -310,7 +352,11 @@ class SlurmConfig:
             data = json.loads(text)
         else:
             raise ValueError(f"Slurm config {path} must be .json or .toml")
+        if not isinstance(data, dict):
+            raise ValueError(f"Slurm config {path} must hold an object of settings, not a {type(data).__name__}")
         data = data.get("slurm", data)
+        if not isinstance(data, dict):
+            raise ValueError(f"Slurm config {path}: 'slurm' must be a table of settings")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -338,12 +384,8 @@ class SlurmConfig:
 
 
 def submitit_entry(job: Job, ctx: JobContext) -> dict:
-    """What a submitit job runs: the worker's torch threads follow the CPUs Slurm gave it."""
-    import torch
-
-    cpus = os.environ.get("SLURM_CPUS_PER_TASK") or os.environ.get("SUBMITIT_CPUS_PER_TASK")
-    if cpus and cpus.isdigit():
-        torch.set_num_threads(max(1, int(cpus)))
+    """What a submitit job runs: the job with the protocol's thread count (``ctx.threads``, not the CPUs
+    Slurm gave it, so that a Slurm result equals a local one); it waits if another run holds the job."""
     return execute_job(job, ctx, log=lambda m: print(m, file=sys.stderr, flush=True))
 
 

@@ -8,7 +8,6 @@ A re-run of a suite skips every record that is already ``ok`` or ``skipped``: it
 
 from __future__ import annotations
 
-import json
 import math
 import platform
 from dataclasses import asdict, dataclass, field
@@ -68,34 +67,43 @@ class ResultRecord:
 
 
 def write_record(out: str | Path, record: ResultRecord) -> Path:
+    """Write ``record`` where its key says (atomically). A file already there that is not a valid record
+    (edited by hand, corrupted) is kept beside it as ``seed-N.json.rejected-<time>`` rather than lost."""
+    from .validate import set_aside_if_invalid
+
     path = record.key.path(out)
+    if path.exists():
+        set_aside_if_invalid(path, out)
     atomic_write_json(path, record.to_dict())
     return path
 
 
 def read_record(path: str | Path) -> ResultRecord:
-    return ResultRecord.from_dict(json.loads(Path(path).read_text()))
+    """Read one record file through the single validation path (:func:`dfml_bench.validate.validate_file`):
+    a record the leaderboard would reject raises :class:`dfml_bench.validate.InvalidRecord` here too."""
+    from .validate import validate_file
+
+    return validate_file(path)
 
 
 def is_finished(out: str | Path, key: RunKey) -> bool:
-    """True if a readable record with status ok or skipped exists (failed runs are retried)."""
-    path = key.path(out)
-    if not path.exists():
-        return False
-    try:
-        return read_record(path).status in ("ok", "skipped")
-    except (json.JSONDecodeError, TypeError, KeyError):
-        return False
+    """True if a *valid* record with status ok or skipped exists (failed runs are retried, and so are
+    records the leaderboard would reject: resume re-runs them)."""
+    from .validate import check_record
+
+    return check_record(out, key).state in ("ok", "skipped")
 
 
 ABLATIONS_DIR = "ablations"  # variants of a method (ablation.py): never read as records of the method
+ARCHIVE_DIR = "archive"  # records of retired suite definitions (e.g. the cpu proxy before issue 12): kept, never ranked
 
 
 def iter_records(root: str | Path) -> list[Path]:
-    """Record files under ``root``, skipping ``ablations/``."""
+    """Record files under ``root``, skipping ``ablations/`` and ``archive/``."""
     root = Path(root)
+    skip = {ABLATIONS_DIR, ARCHIVE_DIR}
     return sorted(p for p in root.rglob("seed-*.json")
-                  if not p.name.startswith(".") and ABLATIONS_DIR not in p.relative_to(root).parts)
+                  if not p.name.startswith(".") and not skip.intersection(p.relative_to(root).parts))
 
 
 def package_versions(extra: tuple[str, ...] = ()) -> dict[str, str]:

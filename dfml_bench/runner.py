@@ -34,6 +34,7 @@ from .methods import Method, MethodContext, MethodError, Progress, get_method
 from .paths import home
 from .results import ResultRecord, RunKey, is_finished, package_versions, summary_of, write_record
 from .scenarios import Scenario, Suite
+from .threads import PROTOCOL_THREADS, fixed_threads
 from .utils import derive_seed, make_generator, seeded_torch
 from .zoo import Zoo, build_zoo
 
@@ -48,6 +49,7 @@ class RunOptions:
     log: Callable[[str], None] | None = None
     method_params: dict = field(default_factory=dict)  # method -> params override
     isolated_apis: bool = True  # serve black-box APIs from a separate process when available
+    threads: int = PROTOCOL_THREADS  # torch intra-op threads of the run: part of the protocol (threads.py)
 
 
 def init_seed(scenario_name: str, seed: int) -> int:
@@ -132,12 +134,18 @@ def check_meta_learner(model: object, reference: nn.Module, method: str) -> nn.M
 
 
 def run_one(suite: Suite, scenario: Scenario, method_name: str, seed: int, opts: RunOptions, bar=None) -> ResultRecord:
-    """Run one (scenario, method, seed) and write its record. Never raises for a method's own failure."""
+    """Run one (scenario, method, seed) and write its record. Never raises for a method's own failure.
+    It runs with ``opts.threads`` torch threads, whoever calls it, so its results do not depend on that."""
+    with fixed_threads(opts.threads):
+        return _run_one(suite, scenario, method_name, seed, opts, bar)
+
+
+def _run_one(suite: Suite, scenario: Scenario, method_name: str, seed: int, opts: RunOptions, bar=None) -> ResultRecord:
     key = RunKey(suite.name, suite.scale, scenario.name, method_name, seed)
     device = resolve_device(opts.device)
     t_start = time.time()
     record = ResultRecord(key=key, status="failed")
-    record.config = {"scenario": scenario.to_dict(), "options": {"episodes": opts.episodes, "device": opts.device}}
+    record.config = {"scenario": scenario.to_dict(), "options": {"episodes": opts.episodes, "device": opts.device, "threads": opts.threads}}
     record.versions = package_versions()
     record.resources = {"device": str(device), "host": socket.gethostname(), "platform": platform.platform(),
                         "torch_threads": torch.get_num_threads(),

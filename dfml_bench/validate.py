@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .results import SCHEMA_VERSION, STATUSES, ResultRecord, iter_records
+from .results import SCHEMA_VERSION, STATUSES, ResultRecord, RunKey, iter_records
 
 MEAN_TOL = 1e-6
 REQUIRED_HASHES = ("dataset", "zoo", "test_episodes")
@@ -132,6 +134,8 @@ def validate_file(path: str | Path, root: str | Path | None = None) -> ResultRec
     path = Path(path)
     try:
         d = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidRecord(f"cannot read JSON: {exc}") from exc
     rec = validate_record_dict(d)
@@ -141,6 +145,52 @@ def validate_file(path: str | Path, root: str | Path | None = None) -> ResultRec
             raise InvalidRecord(f"its key ({rec.key.suite}, {rec.key.scale}, {rec.key.scenario}, {rec.key.method}, seed "
                                 f"{rec.key.seed}) belongs at {_show(want, root)}, not here (moved or copied by hand?)")
     return rec
+
+
+@dataclass
+class RecordCheck:
+    """What is stored for one run key: ``state`` is ``missing``, ``invalid`` (with ``reason``), or the
+    status of a valid record (``ok`` / ``failed`` / ``skipped``, with ``record``)."""
+
+    state: str
+    record: ResultRecord | None = None
+    reason: str = ""
+
+
+def check_record(out: str | Path, key: RunKey) -> RecordCheck:
+    """The one answer every reader of a run folder uses for a key (resume, ``status``, ``submit``): the
+    same checks as the leaderboard's, location included."""
+    path = key.path(out)
+    if not path.exists():
+        return RecordCheck("missing")
+    try:
+        rec = validate_file(path, out)
+    except InvalidRecord as exc:
+        return RecordCheck("invalid", reason=str(exc))
+    return RecordCheck(rec.status, rec)
+
+
+def set_aside_if_invalid(path: str | Path, root: str | Path | None = None) -> Path | None:
+    """Rename an invalid record file to ``<name>.rejected-<UTC time>`` (never read as a record again, never
+    deleted) so that a re-run can write a fresh one; valid files are left alone. Returns the new path."""
+    path = Path(path)
+    try:
+        validate_file(path, root)
+        return None
+    except InvalidRecord:
+        pass
+    except FileNotFoundError:
+        return None
+    dest = path.with_name(f"{path.name}.rejected-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+    n = 1
+    while dest.exists():
+        dest = path.with_name(f"{path.name}.rejected-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{n}")
+        n += 1
+    try:
+        os.replace(path, dest)
+    except FileNotFoundError:  # another process set it aside first
+        return None
+    return dest
 
 
 def _show(path: Path, root: str | Path) -> str:

@@ -22,6 +22,7 @@ from dfml_bench.evaluation import (
     batch_stat_copy,
     evaluate,
     evaluate_loop,
+    evaluate_vmap,
     inner_adapt,
     split_state,
     summarize,
@@ -191,6 +192,7 @@ def test_evaluate_equals_loop_and_logits_agree(separable) -> None:
     assert torch.equal(acc, acc_loop)
     net = batch_stat_copy(model)
     sx, sy, qx, _ = eps.tensors(ds, slice(0, 6))
+    torch.testing.assert_close(evaluate_vmap(model, ds, eps, protocol, chunk_size=5), acc, rtol=0, atol=1 / 5 + 1e-9)
     for batched_query in (True, False):
         a = adapted_query_logits(net, protocol, sx, sy, qx, batched=True, batched_query=batched_query)
         b = adapted_query_logits(net, protocol, sx, sy, qx, batched=False)
@@ -206,6 +208,36 @@ def test_evaluate_is_deterministic_and_chunking_invariant(separable) -> None:
     b = evaluate(model, ds, eps, protocol, chunk_size=4)
     assert torch.equal(a, b)
     assert torch.equal(a, evaluate(model, ds, eps, protocol))  # auto chunk size: same accuracies
+
+
+def test_evaluate_is_identical_across_workers_chunks_and_caller_threads(noise) -> None:
+    """Episodes split over worker threads: the accuracies may not depend on how (issue 14's serial /
+    --jobs / submitit identity), and equal the plain single-threaded loop exactly."""
+    ds, eps = noise
+    sub = eps.subset(slice(0, 40))
+    model = meta_learner(seed=5)
+    protocol = AdaptProtocol(steps=3, lr=0.2)
+    oracle = evaluate_loop(model, ds, sub, protocol)  # conftest: one intra-op thread
+    runs = [evaluate(model, ds, sub, protocol, workers=w, chunk_size=c) for w, c in ((1, None), (2, None), (3, 7), (2, 1))]
+    prev = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        runs.append(evaluate(model, ds, sub, protocol))  # caller with 2 threads -> 2 workers, 1 thread each
+        assert torch.get_num_threads() == 2  # the caller's setting is restored
+    finally:
+        torch.set_num_threads(prev)
+    for r in runs:
+        assert torch.equal(r, oracle)
+    assert len(set(oracle.tolist())) > 3  # real, varied accuracies, not a constant
+
+
+def test_evaluate_propagates_a_worker_error(separable) -> None:
+    ds, eps = separable
+    model = meta_learner()
+    prev = torch.get_num_threads()
+    with pytest.raises(EvaluationError):
+        evaluate(meta_learner(ways=5), ds, eps, AdaptProtocol(), workers=2)
+    assert torch.get_num_threads() == prev
 
 
 def test_evaluate_does_not_modify_model(separable) -> None:
@@ -263,6 +295,8 @@ def test_bad_arguments(separable) -> None:
     ds, eps = separable
     with pytest.raises(ValueError, match="chunk_size"):
         evaluate(meta_learner(), ds, eps, AdaptProtocol(), chunk_size=0)
+    with pytest.raises(ValueError, match="workers"):
+        evaluate(meta_learner(), ds, eps, AdaptProtocol(), workers=0)
     with pytest.raises(TypeError, match="AdaptProtocol"):
         evaluate(meta_learner(), ds, eps, {"steps": 10})  # type: ignore[arg-type]
 
@@ -270,8 +304,11 @@ def test_bad_arguments(separable) -> None:
 def test_progress_reports_every_chunk(separable) -> None:
     ds, eps = separable
     calls: list[tuple[int, int]] = []
-    evaluate(meta_learner(), ds, eps, AdaptProtocol(steps=1), chunk_size=5, progress=lambda d, t: calls.append((d, t)))
-    assert calls == [(5, 12), (10, 12), (12, 12)]
+    for workers in (1, 3):
+        calls.clear()
+        evaluate(meta_learner(), ds, eps, AdaptProtocol(steps=1), chunk_size=5, workers=workers,
+                 progress=lambda d, t: calls.append((d, t)))
+        assert calls == [(5, 12), (10, 12), (12, 12)]
 
 
 def test_auto_chunk_size_follows_budget(separable) -> None:

@@ -265,9 +265,22 @@ def test_free_fit_stores_every_models_batch_and_selects_on_val(toy_world):
     assert mem.n_images() == 6 * 5 * 4
     assert isinstance(model, nn.Module) and m.report_["best_epoch"] in (0, 1, 2)
     assert 0.0 <= m.report_["teacher_acc_on_recovered"] <= 1.0 and m.report_["recovery_seconds_per_task"] > 0
+    # the teachers' agreement with their targets is recorded every epoch, warm-up first (issue 12)
+    agree = m.report_["teacher_agreement_per_epoch"]
+    assert len(agree) == 3 and all(0.0 <= a <= 1.0 for a in agree) and m.report_["meta_generator_updates"] == 3
     ref = FREE(**kw, store_all=False)
     ref.fit(make_ctx())
     assert ref.memory_.n_images() == 2 * 5 * 4  # reference mode: only the last model of each epoch
+
+
+def test_alignment_defaults_to_the_reference_form():
+    """Issue 12: the reference's alignment (fresh Adam inner steps, displacement x 67 through the shared
+    Adam) is the default at both scales; the SGD form with scale 1/(lr*M) stays available."""
+    for scale in ("cpu", "paper"):
+        cfg = FREE().config(scale)
+        assert (cfg["align_inner"], cfg["reptile_scale"], cfg["align_lr"]) == ("adam", 67.0, 1e-3)
+    assert FREE(align_inner="sgd").config("cpu")["reptile_scale"] is None
+    assert FREE().config("cpu")["per_class"] >= 16  # 1-shot tasks of one model's batch get 15 distinct queries
 
 
 def test_free_components_can_be_switched_off(toy_world, tmp_path):

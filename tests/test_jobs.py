@@ -58,7 +58,9 @@ def test_states_follow_records_and_status_files(tmp_path, plan):
 
     zoo = plan.zoo_jobs[0]
     write_status(out, zoo, "done")
-    write_record(out, ResultRecord(key=first.key, status="ok", accuracy={"mean": 0.5}, resources={"host": "h", "device": "cpu"}))
+    write_record(out, ResultRecord(key=first.key, status="ok", per_episode=[0.4, 0.6], accuracy={"mean": 0.5, "n": 2},
+                                   hashes={"dataset": "d", "zoo": "z", "test_episodes": "e"}, config={"scenario": {}},
+                                   resources={"host": "h", "device": "cpu"}))
     second, third, fourth = plan.run_jobs[1:4]
     write_record(out, ResultRecord(key=second.key, status="failed", error="ValueError: boom"))
     write_status(out, third, "running", pid=2**22 + 12345)  # a pid that does not exist on this host

@@ -77,3 +77,12 @@ def test_spec_validation():
         TrainRecipe(optimizer="rmsprop")
     with pytest.raises(ValueError, match="assignment"):
         ZooSpec(assignment="zigzag")
+
+
+def test_checkpoint_is_stored_in_the_standard_layout(toy_dataset):
+    """Training runs channels-last on CPU; the kept state dict is plain contiguous (loads anywhere)."""
+    from dfml_bench.zoo import train_one
+
+    state, *_ = train_one(SPEC, toy_dataset, 0)
+    conv = [k for k, v in state.items() if v.dim() == 4]
+    assert conv and all(state[k].is_contiguous() for k in state)

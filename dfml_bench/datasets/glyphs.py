@@ -568,6 +568,7 @@ class GlyphsDataset:
     """
 
     name = "glyphs"
+    description = "embedded: 1,257 glyph classes of 13 writing systems (811/198/248 by script), 60 images each, 32x32"
 
     def __init__(
         self,
@@ -578,6 +579,7 @@ class GlyphsDataset:
         script_splits: dict[str, Sequence[str]] | None = None,
         name: str | None = None,
         batch_images: int = 512,
+        classes_per_split: dict[str, int] | None = None,
     ) -> None:
         self.images_per_class = _validate_int("images_per_class", images_per_class, 1, 100_000)
         self.size = _validate_int("size", size, 8, 256)
@@ -599,6 +601,7 @@ class GlyphsDataset:
                 )
             self.scripts = tuple(s for s in SCRIPT_NAMES if s in scripts)  # canonical order
         self.script_splits = self._validate_splits(script_splits if script_splits is not None else SCRIPT_SPLITS)
+        self.classes_per_split = self._validate_class_counts(classes_per_split)
         if name is None:
             name = "glyphs" if style == "default" else f"glyphs-{style}"
         if not isinstance(name, str) or not name.strip():
@@ -629,6 +632,14 @@ class GlyphsDataset:
             )
         return chosen
 
+    @staticmethod
+    def _validate_class_counts(counts: dict[str, int] | None) -> dict[str, int] | None:
+        if counts is None:
+            return None
+        if not isinstance(counts, dict) or set(counts) != set(SPLITS):
+            raise DatasetError(f"glyphs: classes_per_split must map each of {list(SPLITS)} to a class count, got {counts!r}")
+        return {s: _validate_int(f"classes_per_split[{s!r}]", counts[s], 2, 100_000) for s in SPLITS}
+
     # -- hashing ---------------------------------------------------------------------------------
 
     def params(self) -> dict:
@@ -639,6 +650,7 @@ class GlyphsDataset:
             "scripts": list(self.scripts),
             "style": self.style,
             "script_splits": {k: list(v) for k, v in self.script_splits.items()},
+            **({"classes_per_split": dict(self.classes_per_split)} if self.classes_per_split else {}),
         }
 
     def recipe(self, seed: int, fonts: Sequence[FontFile] | None = None) -> dict:
@@ -732,6 +744,8 @@ class GlyphsDataset:
         variants, offsets, counts = _class_variants(fonts, res)
 
         chosen = [i for i, c in enumerate(cat.classes) if c.script in self.scripts]
+        if self.classes_per_split is not None:
+            chosen = select_classes(cat.classes, chosen, self.script_splits, self.classes_per_split)
         classes = [cat.classes[i] for i in chosen]
         n = self.images_per_class
         images = torch.empty((len(classes) * n, 3, self.size, self.size), dtype=torch.uint8)
@@ -792,6 +806,45 @@ class GlyphsDataset:
             hash=h,
             meta=meta,
         )
+
+
+def select_classes(catalogue: Sequence[GlyphClass], chosen: Sequence[int], script_splits: dict[str, tuple[str, ...]],
+                   counts: dict[str, int]) -> list[int]:
+    """A fixed subset of the catalogue indices ``chosen``: ``counts[split]`` classes of each split, drawn
+    uniformly (seeded by the generator version only, so the class set never depends on the image seed)
+    and returned in catalogue order. Too few classes in a split is an error, not a smaller split."""
+    split_of = {s: split for split, names in script_splits.items() for s in names}
+    out: list[int] = []
+    for split in SPLITS:
+        pool = [i for i in chosen if split_of.get(catalogue[i].script) == split]
+        if counts[split] > len(pool):
+            raise DatasetError(f"glyphs: classes_per_split asks for {counts[split]} meta-{split} classes but the "
+                               f"selected scripts have only {len(pool)}")
+        g = make_generator(derive_seed("glyphs-select", GENERATOR_VERSION, split))
+        pick = torch.randperm(len(pool), generator=g)[: counts[split]].tolist()
+        out.extend(pool[j] for j in pick)
+    return sorted(out)
+
+
+class GlyphsFS(GlyphsDataset):
+    """``glyphs-fs``: the glyph dataset in CIFAR-FS's shape, the ``cpu`` proxy of the papers' setting.
+
+    64 / 16 / 20 meta-train / meta-val / meta-test classes (a fixed uniform draw from the scripts of each
+    split, :func:`select_classes`), 600 images per class, 32x32 RGB. With a zoo of 5-way teachers over the
+    64 meta-train classes, every class is seen by several teachers and each teacher learns from 480 images
+    per class, as in CIFAR-FS with its 100-model pool (``docs/proxy-validation.md``)."""
+
+    name = "glyphs-fs"
+    description = "embedded cpu proxy in CIFAR-FS's shape: 64/16/20 glyph classes (by script), 600 images each, 32x32"
+
+    def __init__(self, images_per_class: int = 600, size: int = 32, style: str = "default",
+                 classes_per_split: dict[str, int] | None = None, name: str | None = None, batch_images: int = 512) -> None:
+        super().__init__(images_per_class=images_per_class, size=size, style=style, batch_images=batch_images,
+                         classes_per_split=classes_per_split or dict(CIFAR_FS_CLASSES),
+                         name=name or ("glyphs-fs" if style == "default" else f"glyphs-fs-{style}"))
+
+
+CIFAR_FS_CLASSES = {"train": 64, "val": 16, "test": 20}
 
 
 def _pil_versions() -> dict[str, str]:

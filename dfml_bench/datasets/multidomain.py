@@ -134,10 +134,12 @@ class GlyphsMultiDomain:
     name = "glyphs-multidomain"
     description = "two glyph domains (disjoint script groups, 'default' vs 'outline' style) pooled, 32x32, per-domain results"
 
-    def __init__(self, styles: dict[str, str] | None = None, images_per_class: int = 60, size: int = 32) -> None:
+    def __init__(self, styles: dict[str, str] | None = None, images_per_class: int = 60, size: int = 32,
+                 classes_per_split: dict[str, int] | None = None) -> None:
         self.styles = dict(styles or {"a": "default", "b": "outline"})
         self.images_per_class = int(images_per_class)
         self.size = int(size)
+        self.classes_per_split = classes_per_split
 
     def domain_builders(self) -> list[tuple[str, object]]:
         from .glyphs import SCRIPT_GROUPS, GlyphsDataset
@@ -145,10 +147,25 @@ class GlyphsMultiDomain:
         unknown = sorted(set(self.styles) - set(SCRIPT_GROUPS))
         if unknown:
             raise DatasetError(f"glyphs-multidomain: unknown script groups {unknown}; groups: {sorted(SCRIPT_GROUPS)}")
-        return [(f"glyphs-{g}-{style}", GlyphsDataset(images_per_class=self.images_per_class, size=self.size,
-                                                     scripts=SCRIPT_GROUPS[g], style=style, name=f"glyphs-{g}-{style}"))
+        tag = "glyphs-fs" if self.classes_per_split else "glyphs"
+        return [(f"{tag}-{g}-{style}", GlyphsDataset(images_per_class=self.images_per_class, size=self.size,
+                                                    scripts=SCRIPT_GROUPS[g], style=style, name=f"{tag}-{g}-{style}",
+                                                    classes_per_split=self.classes_per_split))
                 for g, style in self.styles.items()]
 
     def load(self, *, seed: int = 0, data_root: str | None = None, scale: str = "cpu") -> ImageDataset:
         parts = [(dom, b.load(seed=seed, data_root=data_root, scale=scale)) for dom, b in self.domain_builders()]
         return pool_datasets(self.name, parts, self.size)
+
+
+class GlyphsFSMultiDomain(GlyphsMultiDomain):
+    """``glyphs-fs-multidomain``: the multi-domain cpu proxy, two glyph domains (disjoint script groups,
+    'default' vs 'outline' style) each in CIFAR-FS's shape (64 / 16 / 20 classes, 600 images each)."""
+
+    name = "glyphs-fs-multidomain"
+    description = "two CIFAR-FS-shaped glyph domains (64/16/20 classes x 600 images each) pooled, per-domain results"
+
+    def __init__(self, styles: dict[str, str] | None = None, images_per_class: int = 600, size: int = 32) -> None:
+        from .glyphs import CIFAR_FS_CLASSES
+
+        super().__init__(styles, images_per_class, size, classes_per_split=dict(CIFAR_FS_CLASSES))

@@ -5,8 +5,8 @@
 - ``blackbox-multidomain`` (API-MH): several domains and architectures, reported per domain.
 
 APIs answer logits (the reference's assumption) and are metered: every image counts against the
-scenario's query budget. ``cpu``: the embedded glyph datasets, zoos shared with the white-box suites
-(same specs, so one build serves both), a budget of 100k images (about 9 API visits of BiDf-MKD at its
+scenario's query budget. ``cpu``: the proxy ``glyphs-fs`` (CIFAR-FS's shape; ``docs/proxy-validation.md``), zoos
+shared with the white-box suites (same specs, so one build serves both), a budget of 100k images (about 9 API visits of BiDf-MKD at its
 cpu settings), 600 frozen 5-way 1-shot test episodes; each suite finishes in minutes on 2 cores with
 its default methods. ``paper``: 100 models per (dataset, architecture), 5-way 1- and 5-shot, no budget
 (the reference has none; see the budget-sweep suite for accuracy against queries).
@@ -26,7 +26,7 @@ CPU_RECIPE = getattr(common, "CPU_CONV4", TrainRecipe(epochs=12, optimizer="adam
 # narrow ResNets at cpu scale (stages 16-32-64-128), as in the white-box suites (same zoo specs -> shared cache)
 CPU_RESNET10, CPU_RESNET18 = common.CPU_RESNET10, common.CPU_RESNET18
 CPU_BUDGET = 100_000
-CPU_METHODS = ["random", "bidf-mkd", "oracle"]
+CPU_METHODS = ["random", "placebo", "bidf-mkd", "oracle"]
 CPU_PARAMS = common.CPU_ORACLE
 PAPER_METHODS = ["random", "bidf-mkd", "oracle"]
 
@@ -49,9 +49,9 @@ def _paper_scenarios(datasets: tuple[str, ...], archs: tuple[str, ...], tag: str
 def _homo(scale: str) -> Suite:
     common.check_scale("blackbox-homo", scale)
     if scale == "cpu":
-        zoo = ZooSpec(dataset="glyphs", n_models=20, ways=5, backbones=(CONV4,), recipes=(("*", CPU_RECIPE),), seed=0)
-        scenarios = [_bb("glyphs-conv4-5w1s", "glyphs", zoo, CPU_BUDGET, EPISODES_1SHOT,
-                         f"black-box logits APIs, 20 Conv4 glyph models, {CPU_BUDGET} query images, 5-way 1-shot (API-SS)",
+        zoo = common.cpu_proxy_zoo()
+        scenarios = [_bb("glyphs-fs-conv4-5w1s", zoo.dataset, zoo, CPU_BUDGET, EPISODES_1SHOT,
+                         f"black-box logits APIs, 100 Conv4 glyphs-fs models, {CPU_BUDGET} query images, 5-way 1-shot (API-SS)",
                          CPU_PARAMS)]
     else:
         scenarios = _paper_scenarios(("cifar-fs", "mini-imagenet", "cub"), ("conv4",), "conv4", "Conv4")
@@ -63,10 +63,9 @@ def _homo(scale: str) -> Suite:
 def _hetero(scale: str) -> Suite:
     common.check_scale("blackbox-hetero", scale)
     if scale == "cpu":
-        zoo = ZooSpec(dataset="glyphs", n_models=12, ways=5, backbones=(CONV4, CPU_RESNET10, CPU_RESNET18),
-                      recipes=(("*", CPU_RECIPE),), seed=0)
-        scenarios = [_bb("glyphs-mixarch-5w1s", "glyphs", zoo, CPU_BUDGET, EPISODES_1SHOT,
-                         f"black-box logits APIs, 12 glyph models (4 each of Conv4, ResNet-10, ResNet-18 width 16), "
+        zoo = common.cpu_proxy_zoo((CONV4, CPU_RESNET10, CPU_RESNET18), n_models=common.CPU_PROXY_MIXED_MODELS)
+        scenarios = [_bb("glyphs-fs-mixarch-5w1s", zoo.dataset, zoo, CPU_BUDGET, EPISODES_1SHOT,
+                         f"black-box logits APIs, {zoo.n_models} glyphs-fs models (Conv4, ResNet-10, ResNet-18 width 16 in turn), "
                          f"{CPU_BUDGET} query images, 5-way 1-shot (API-SH)", CPU_PARAMS)]
     else:
         scenarios = _paper_scenarios(("cifar-fs", "mini-imagenet", "cub"), ("conv4", "resnet10", "resnet18"), "mixarch",
@@ -78,13 +77,12 @@ def _hetero(scale: str) -> Suite:
 
 def _multidomain(scale: str) -> Suite:
     common.check_scale("blackbox-multidomain", scale)
-    ds = "glyphs-multidomain" if scale == "cpu" else "multidomain"
+    ds = common.CPU_PROXY_MULTIDOMAIN if scale == "cpu" else "multidomain"
     common.require_dataset("blackbox-multidomain", ds, scale)
     if scale == "cpu":
-        zoo = ZooSpec(dataset=ds, n_models=12, ways=5, backbones=(CONV4, CPU_RESNET10, CPU_RESNET18),
-                      recipes=(("*", CPU_RECIPE),), seed=0)
+        zoo = common.cpu_proxy_zoo((CONV4, CPU_RESNET10, CPU_RESNET18), n_models=common.CPU_PROXY_MIXED_MODELS, dataset=ds)
         scenarios = [_bb(f"{ds}-mixarch-5w1s", ds, zoo, CPU_BUDGET, EPISODES_1SHOT,
-                         f"black-box logits APIs, 12 models over the glyph domains (Conv4, ResNet-10, ResNet-18), "
+                         f"black-box logits APIs, {zoo.n_models} models over the two glyphs-fs domains (Conv4, ResNet-10, ResNet-18), "
                          f"{CPU_BUDGET} query images, 5-way 1-shot, reported per domain (API-MH)", CPU_PARAMS)]
     else:
         zoo = common.paper_zoo(ds, ("conv4", "resnet10", "resnet18"))

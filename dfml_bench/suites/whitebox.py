@@ -6,8 +6,10 @@
 - ``whitebox-multidomain``: a Conv4 zoo over the multi-domain dataset (FREE ``md.sh``): ``glyphs-multidomain``
   at cpu scale, ``multidomain`` (CIFAR-FS + miniImageNet + CUB) at paper scale; results per domain.
 
-``cpu``: the embedded glyph datasets, small zoos, 5-way 1-shot, 600 frozen test episodes; each suite is
-sized to finish in well under 15 minutes on 2 cores with its default methods, zoo included.
+``cpu``: the proxy of the papers' setting (issue 12, ``docs/proxy-validation.md``): ``glyphs-fs``
+(CIFAR-FS's shape: 64 / 16 / 20 classes, 600 images each, 32x32) or its two-domain pool, zoos of 5-way
+teachers whose classes recur across teachers as in the papers' pools (100 Conv4; 60 mixed-architecture),
+5-way 1-shot, 600 frozen test episodes, the ``placebo`` control in every default method list.
 ``paper``: the literature's sizes (100 models per architecture / domain, 5-way 1-shot, Conv4-32
 meta-learner, 600 test episodes, 10 test-time SGD steps at lr 0.01).
 """
@@ -22,7 +24,7 @@ from . import common
 
 CONV4 = common.CONV4
 EPISODES_1SHOT = EpisodeSpec(ways=5, shots=1, queries=15, n_episodes=600)
-CPU_METHODS = ["random", "average", "oracle", "free"]
+CPU_METHODS = ["random", "average", "placebo", "oracle", "free"]
 # CPU zoo recipe for every architecture: a few Adam epochs on the model's 5 glyph classes.
 CPU_RECIPE = getattr(common, "CPU_CONV4", TrainRecipe(epochs=12, optimizer="adam", lr=0.005, batch_size=50))
 # CPU-scale ResNets are narrow (width 16: stages 16-32-64-128) so that a zoo trains in minutes on 2 cores.
@@ -32,9 +34,10 @@ CPU_RESNET10, CPU_RESNET18 = common.CPU_RESNET10, common.CPU_RESNET18
 def _homo(scale: str) -> Suite:
     common.check_scale("whitebox-homo", scale)
     if scale == "cpu":
-        zoo = ZooSpec(dataset="glyphs", n_models=20, ways=5, backbones=(CONV4,), recipes=(("*", CPU_RECIPE),), seed=0)
-        scenarios = [Scenario(name="glyphs-conv4-5w1s", dataset="glyphs", zoo=zoo, access="whitebox", episodes=EPISODES_1SHOT,
-                              method_params=common.CPU_ORACLE, description="white-box, 20 Conv4 glyph models (5 classes each), 5-way 1-shot")]
+        zoo = common.cpu_proxy_zoo()
+        scenarios = [Scenario(name="glyphs-fs-conv4-5w1s", dataset=zoo.dataset, zoo=zoo, access="whitebox", episodes=EPISODES_1SHOT,
+                              method_params=common.CPU_ORACLE,
+                              description="white-box, 100 Conv4 glyphs-fs models (5 of 64 classes each), 5-way 1-shot")]
     else:
         scenarios = []
         for ds in ("cifar-fs", "mini-imagenet", "cub"):
@@ -52,26 +55,26 @@ def _homo(scale: str) -> Suite:
 def _hetero(scale: str) -> Suite:
     common.check_scale("whitebox-hetero", scale)
     if scale == "cpu":
-        zoo = ZooSpec(dataset="glyphs", n_models=12, ways=5, backbones=(CONV4, CPU_RESNET10, CPU_RESNET18),
-                      recipes=(("*", CPU_RECIPE),), seed=0)
-        name, ds, desc = "glyphs-mixarch-5w1s", "glyphs", "white-box, 12 glyph models: 4 each of Conv4, ResNet-10, ResNet-18 (width 16)"
+        zoo = common.cpu_proxy_zoo((CONV4, CPU_RESNET10, CPU_RESNET18), n_models=common.CPU_PROXY_MIXED_MODELS)
+        name, ds = "glyphs-fs-mixarch-5w1s", zoo.dataset
+        desc = f"white-box, {zoo.n_models} glyphs-fs models: Conv4, ResNet-10, ResNet-18 (width 16) in turn"
     else:
         zoo = common.paper_zoo("cifar-fs", ("conv4", "resnet10", "resnet18"))
         name, ds, desc = "cifar-fs-mixarch-5w1s", "cifar-fs", "white-box, 300 CIFAR-FS models: 100 each of Conv4, ResNet-10, ResNet-18 (FREE ma.sh)"
     return Suite(name="whitebox-hetero", scale=scale,
                  scenarios=[Scenario(name=name, dataset=ds, zoo=zoo, access="whitebox", episodes=EPISODES_1SHOT, description=desc,
                                      method_params=common.CPU_ORACLE if scale == "cpu" else {})],
-                 methods=["random", "oracle", "free"], seeds=[0], leaderboard_seeds=[0, 1, 2],
+                 methods=["random", "placebo", "oracle", "free"], seeds=[0], leaderboard_seeds=[0, 1, 2],
                  description="White-box DFML with a multi-architecture zoo (average is not defined across architectures).")
 
 
 def _multidomain(scale: str) -> Suite:
     common.check_scale("whitebox-multidomain", scale)
-    ds = "glyphs-multidomain" if scale == "cpu" else "multidomain"
+    ds = common.CPU_PROXY_MULTIDOMAIN if scale == "cpu" else "multidomain"
     common.require_dataset("whitebox-multidomain", ds, scale)
     if scale == "cpu":
-        zoo = ZooSpec(dataset=ds, n_models=20, ways=5, backbones=(CONV4,), recipes=(("*", CPU_RECIPE),), seed=0)
-        desc = "white-box, 20 Conv4 models over the glyph domains, 5-way 1-shot, reported per domain"
+        zoo = common.cpu_proxy_zoo(dataset=ds)
+        desc = f"white-box, {zoo.n_models} Conv4 models over the two glyphs-fs domains, 5-way 1-shot, reported per domain"
     else:
         zoo = common.paper_zoo(ds, ("conv4",))
         desc = "white-box, 300 Conv4 models over CIFAR-FS + miniImageNet + CUB (FREE md.sh), reported per domain"

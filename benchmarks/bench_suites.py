@@ -1,0 +1,92 @@
+"""Cold cost of every `cpu` suite: `dfml-bench run --suite NAME --seeds 0` with the suite's default methods,
+from an EMPTY cache (glyph dataset, zoos, episodes all built), one suite after another, each timed and
+printed against its budget (smoke: 5 minutes; every other cpu suite: 15 minutes cold, DESIGN.md), then a
+markdown table for the README. Runs on the machine as it is: the load average before each suite is
+printed with it.
+
+    python benchmarks/bench_suites.py [--suites smoke,whitebox-homo] [--jobs 1] [--threads 2] [--markdown out.md]
+
+A whole pass over the cpu suites takes about an hour; use --suites to time a few.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dfml_bench.scenarios import get_suite  # noqa: E402
+from dfml_bench.suites import builtin_suites  # noqa: E402
+from dfml_bench.utils import atomic_write_bytes  # noqa: E402
+
+BUDGET_S = {"smoke": 300}
+DEFAULT_BUDGET_S = 900  # each cpu suite with its default methods and one seed: under 15 minutes cold
+
+
+def cpu_suites() -> list[str]:
+    """Names of the built-in suites that exist at `cpu` scale (a suite that refuses the scale is skipped)."""
+    names = []
+    for name in sorted(builtin_suites()):
+        try:
+            get_suite(name, "cpu")
+        except Exception:  # noqa: BLE001 - a paper-only suite
+            continue
+        names.append(name)
+    return names
+
+
+def load() -> str:
+    return open("/proc/loadavg").read().split()[0] if os.path.exists("/proc/loadavg") else "n/a"
+
+
+def time_suite(name: str, home: str, out: str, jobs: int, threads: int) -> tuple[float, int]:
+    """Wall seconds and exit status of one cold run of ``name`` (seed 0, default methods)."""
+    env = {**os.environ, "DFML_BENCH_HOME": home, "OMP_NUM_THREADS": str(threads)}
+    cmd = [sys.executable, "-m", "dfml_bench.cli", "run", "--suite", name, "--seeds", "0", "--out", out, "--quiet",
+           "--jobs", str(jobs)]
+    t0 = time.perf_counter()
+    rc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL).returncode
+    return time.perf_counter() - t0, rc
+
+
+def markdown(rows: list[tuple[str, float, int, str, int]]) -> str:
+    lines = ["| suite (cpu, seed 0, default methods) | cold wall time | budget | within | load avg |",
+             "|---|---:|---:|---|---:|"]
+    for name, wall, budget, ld, rc in rows:
+        ok = "failed" if rc else ("yes" if wall <= budget else "**no**")
+        lines.append(f"| {name} | {wall / 60:.1f} min | {budget / 60:.0f} min | {ok} | {ld} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--suites", default=None, help="comma-separated suites (default: every cpu suite)")
+    ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--markdown", default=None, help="write the table to this file too")
+    args = ap.parse_args()
+    names = args.suites.split(",") if args.suites else cpu_suites()
+    rows = []
+    for name in names:
+        with tempfile.TemporaryDirectory() as home:  # each suite from an empty cache
+            ld = load()
+            wall, rc = time_suite(name, home, os.path.join(home, "results"), args.jobs, args.threads)
+        budget = BUDGET_S.get(name, DEFAULT_BUDGET_S)
+        rows.append((name, wall, budget, ld, rc))
+        verdict = "FAILED" if rc else ("within" if wall <= budget else "OVER")
+        print(f"{name:24s} cold {wall:7.1f} s  budget {budget:5d} s  {verdict}  (load {ld}, jobs {args.jobs}, "
+              f"threads {args.threads})", flush=True)
+    table = markdown(rows)
+    print(table)
+    if args.markdown:
+        atomic_write_bytes(args.markdown, table.encode())
+
+
+if __name__ == "__main__":
+    main()
