@@ -13,7 +13,7 @@ class they were synthesised for (checked with extra queries that are not counted
 per query checkpoint as the mean over APIs and seeds, then the queries each estimator needed to reach
 the faithful estimator's final agreement, and their ratio (the issue's target: at most 1/3).
 
-    python benchmarks/bench_recovery.py [--suite blackbox-homo] [--apis 2] [--seeds 1] [--budget 30000]
+    python benchmarks/bench_recovery.py [--suite smoke] [--apis 2] [--seeds 1] [--budget 30000]
                                         [--kind logits] [--api inprocess|isolated]
 """
 
@@ -74,7 +74,8 @@ def queries_to_reach(checkpoints: list[int], means: list[float | None], target: 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--suite", default="blackbox-homo")
+    ap.add_argument("--suite", default="smoke", help="whose first scenario's zoo serves the APIs (smoke: 6 Conv4 teachers, "
+                    "built in a minute; blackbox-homo: the sweep's 100-teacher zoo, long to build on a cpu)")
     ap.add_argument("--apis", type=int, default=2, help="APIs of the scenario's zoo to recover from")
     ap.add_argument("--seeds", type=int, default=1, help="recovery seeds per API")
     ap.add_argument("--budget", type=int, default=30_000, help="queries per recovery call (per estimator, API, seed)")
