@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +26,7 @@ from dfml_bench.methods import Method, MethodContext, MethodError
 
 from .generator import augment, make_generator_module
 from .memory import TaskMemory, save_image_grid
-from .zo import query_logits, surrogate, zo_gradient
+from .zo import DIRECTIONS, query_logits, surrogate, zo_gradient
 
 # --------------------------------------------------------------------------------------------------
 # pieces (pure functions)
@@ -101,6 +102,19 @@ def plan_recovery(budget: float, batch: int, q: int, iterations: int, visits: in
     return 1, min_q, max(0, fit_iters(min_q, min(budget, per_visit_cap)))
 
 
+def grow_recovery(budget: float, batch: int, q: int, iterations: int, visits: int, *, max_iterations: int,
+                  per_visit_cap: float = math.inf) -> int:
+    """Generator iterations per visit when the budget allows more than ``iterations``: as many as fit
+    ``visits`` visits into ``budget`` (and ``per_visit_cap``), at most ``max_iterations``, never fewer
+    than ``iterations``. Used when the method is asked to spend its budget (``spend_budget``): recovery
+    quality grows with iterations, so a larger budget buys better sets, not unused queries."""
+    if visits < 1 or not math.isfinite(min(budget / max(visits, 1), per_visit_cap)):
+        return iterations
+    per_visit = min(budget / visits, per_visit_cap)
+    fit = int((per_visit - 2 * batch) // (2 * batch * (q + 1)))
+    return max(iterations, min(max_iterations, fit))
+
+
 class _CountingAPI:
     """Forwards queries to an API and adds the number of images to ``counts[key]``."""
 
@@ -124,11 +138,13 @@ class Recovered:
     losses: list[float] = field(default_factory=list)  # mean clean black-box loss per iteration
     iterations: int = 0
     exhausted: bool = False
+    agreement: float | None = None  # fraction of the best iterate the API labelled with its target (clean queries)
 
 
 def recover(api, *, ways: int, per_class: int, iterations: int, q: int, mu: float, lr: float, rng: torch.Generator,
             device, image_shape, student=None, adv: float = 0.0, zo: bool = True, nz: int = 256, ngf: int = 64,
-            augment_images: bool = True) -> Recovered:
+            augment_images: bool = True, directions: str = "sphere", resolution: int | None = None,
+            orthogonal: bool = False, on_step: Callable[[int, torch.Tensor], None] | None = None) -> Recovered:
     """One synthesis call (spec 2.4/2.5): a freshly reset generator and fresh latents, optimised jointly
     with Adam through the ZO estimate of the per-sample black-box loss on augmented images.
 
@@ -136,7 +152,11 @@ def recover(api, *, ways: int, per_class: int, iterations: int, q: int, mu: floa
     generator's images. ``augment_images``: the reference's batch-level pad-4 crop and flip before each
     query (on by default). Keeps the iterate with the lowest mean clean loss (the reference keeps the
     lowest *surrogate*, which is not a loss, D4). A :class:`BudgetExhausted` ends the call early with
-    the best iterate so far (re-raised if there is none).
+    the best iterate so far (re-raised if there is none). ``directions`` / ``resolution`` /
+    ``orthogonal`` choose the ZO estimator (:func:`baselines.zo.zo_gradient`); ``on_step(i, best)`` is
+    called after every iteration with the best images so far (benchmarks trace recovery with it).
+    ``Recovered.agreement`` is the fraction of the best iterate's (augmented) images the API labelled
+    with their target: free, from the clean queries already made.
     """
     c, h, w = image_shape
     gen = make_generator_module(h, c, rng if rng.device.type == "cpu" else _cpu_gen(rng), device, nz=nz, ngf=ngf)
@@ -147,7 +167,7 @@ def recover(api, *, ways: int, per_class: int, iterations: int, q: int, mu: floa
         with torch.no_grad():
             return Recovered(gen(z).detach(), y)
     opt = torch.optim.Adam([*gen.parameters(), z], lr=lr, betas=(0.5, 0.999))
-    best, best_loss, losses, exhausted = None, math.inf, [], False
+    best, best_loss, losses, exhausted, agreement = None, math.inf, [], False, None
     kind = api.info.output_kind
     for _ in range(iterations):
         X = gen(z)
@@ -159,7 +179,8 @@ def recover(api, *, ways: int, per_class: int, iterations: int, q: int, mu: floa
                 if kind != "logits":
                     s = F.log_softmax(s, 1)  # the API answers (log-)probabilities: compare like with like
         try:
-            g, clean, _ = zo_gradient(api, x, per_sample_loss(y, s, adv), q=q, mu=mu, generator=rng)
+            g, clean, logits = zo_gradient(api, x, per_sample_loss(y, s, adv), q=q, mu=mu, generator=rng, directions=directions,
+                                           resolution=resolution, orthogonal=orthogonal)
         except BudgetExhausted:
             exhausted = True
             break
@@ -167,13 +188,16 @@ def recover(api, *, ways: int, per_class: int, iterations: int, q: int, mu: floa
         losses.append(cur)
         if cur < best_loss:
             best_loss, best = cur, X.detach().clone()
+            agreement = float((logits.argmax(1) == y).float().mean())
         opt.zero_grad(set_to_none=True)
         surrogate(g, x).backward()
         opt.step()
+        if on_step is not None:
+            on_step(len(losses), best)
     if best is None:
         raise BudgetExhausted("no synthesis iteration fitted the remaining budget", requested=batch * (q + 1), used=0,
                               budget=0, scope="recovery")
-    return Recovered(best, y, losses, len(losses), exhausted)
+    return Recovered(best, y, losses, len(losses), exhausted, agreement)
 
 
 def _save_grid(memory: TaskMemory, path, title: str) -> None:
@@ -204,12 +228,14 @@ _SCALE_DEFAULTS = {
     "paper": dict(per_class=30, q=100, mu=0.005, gen_iterations=200, gen_lr=1e-3, max_visits=300, meta_iterations=60000,
                   meta_batch=4, inner_steps=5, kd_inner_steps=10, inner_lr=0.01, outer_lr=1e-3, visit_trigger="plateau",
                   generate_interval=200, visit_every=200, boundary_start=4000, val_every=500, val_episodes=100,
-                  min_gen_iterations=20, min_q=10, ngf=64),
+                  min_gen_iterations=20, min_q=10, ngf=64, estimator="sphere", orthogonal=False, label_mu=10.0,
+                  spend_budget=False, max_gen_iterations=200),
     # 2 CPU cores, a suite in minutes: small sets, few directions and iterations, visits on a schedule
     "cpu": dict(per_class=5, q=8, mu=0.005, gen_iterations=20, gen_lr=0.01, max_visits=9, meta_iterations=120,
                 meta_batch=4, inner_steps=5, kd_inner_steps=10, inner_lr=0.01, outer_lr=1e-3, visit_trigger="schedule",
                 generate_interval=200, visit_every=None, boundary_start=0, val_every=30, val_episodes=60,
-                min_gen_iterations=5, min_q=2, ngf=32),
+                min_gen_iterations=5, min_q=2, ngf=32, estimator="sphere", orthogonal=False, label_mu=10.0,
+                  spend_budget=False, max_gen_iterations=200),
 }
 
 
@@ -247,8 +273,16 @@ class BiDfMKD(Method):
       on the memory.
     - Outputs: ``logits``, ``probs`` (log-probabilities stand in for logits, equal up to a per-row
       constant, so CE, KL and the argmax mask are unchanged; the L1 boundary distance then compares
-      log-probabilities) and ``topk`` (missing mass spread evenly, an approximation). ``label`` is not
-      supported: a hard label is piecewise constant, so ZO finite differences vanish almost everywhere.
+      log-probabilities) and ``topk`` (missing mass spread evenly, an approximation). ``label`` is
+      refused before any query (``output_kinds``): the reference's estimator (q full-image directions
+      at mu = 0.005) sees a piecewise-constant loss, so its finite differences vanish almost everywhere.
+      ``bidf-mkd-qe`` runs on labels (a smoothed 0-1 loss with a large radius ``label_mu``).
+    - Estimator (``estimator``, ``zo_resolution``, ``orthogonal``): the reference's full-sphere
+      directions by default; ``"subspace"`` estimates in a low-resolution grid (``baselines.zo``), the
+      setting of the registered query-efficient variant ``bidf-mkd-qe``.
+    - ``spend_budget`` (on in the budget-sweep suite): when the budget allows more than the default
+      plan, generator iterations per visit grow to use it (up to ``max_gen_iterations``, reference 200);
+      off by default, so the other suites keep the plan their records were made with.
     - ``cpu`` scale uses a half-width generator (ngf 32): at 32 px with few directions its forward and
       backward cost more than the (q + 1) API queries.
     - The head bias of the meta-learner starts at 0 (as the authors' TDRM code); the harness's
@@ -276,6 +310,12 @@ class BiDfMKD(Method):
     min_q: int | None = None
     max_visits: int | None = None  # API visits wanted (the budget may allow fewer)
     adv: float = 1.0  # weight of the boundary term
+    estimator: str | None = None  # ZO directions: "sphere" (reference) | "subspace" (low-resolution grid, bidf-mkd-qe)
+    zo_resolution: int | None = None  # subspace grid side (None: image side // 4, the generator's base resolution)
+    orthogonal: bool | None = None  # orthonormal directions per sample
+    label_mu: float | None = None  # smoothing radius (L2, [0, 1] pixel units) when the API answers hard labels
+    spend_budget: bool | None = None  # grow generator iterations (up to max_gen_iterations) to use a larger budget
+    max_gen_iterations: int | None = None  # cap of that growth (reference 200)
     boundary_start: int | None = None  # meta-iteration from which query sets are boundary sets (reference 4000)
     # meta-learning
     meta_iterations: int | None = None  # outer Adam steps (reference 60000)
@@ -303,16 +343,28 @@ class BiDfMKD(Method):
 
     ablation_switches = ("use_zo_recovery", "use_boundary", "use_kd", "use_memory_replay", "faithful_kd_bug")
 
-    def _hp(self, scale: str) -> dict:
+    def _scale_defaults(self, scale: str) -> dict:
+        """The ``scale``'s default hyper-parameters (a variant overrides some)."""
         if scale not in _SCALE_DEFAULTS:
-            raise MethodError(f"bidf-mkd has defaults for scales {sorted(_SCALE_DEFAULTS)}, got {scale!r}")
-        hp = dict(_SCALE_DEFAULTS[scale])
+            raise MethodError(f"{self.name} has defaults for scales {sorted(_SCALE_DEFAULTS)}, got {scale!r}")
+        return dict(_SCALE_DEFAULTS[scale], zo_resolution=None)
+
+    def _hp(self, scale: str) -> dict:
+        hp = self._scale_defaults(scale)
         for k in hp:
             v = getattr(self, k, None)
             if v is not None:
                 hp[k] = v
         if hp["visit_trigger"] not in ("schedule", "plateau"):
             raise MethodError(f"visit_trigger must be 'schedule' or 'plateau', got {hp['visit_trigger']!r}")
+        if hp["estimator"] not in DIRECTIONS:
+            raise MethodError(f"estimator must be one of {DIRECTIONS}, got {hp['estimator']!r}")
+        for k in ("q", "per_class", "gen_iterations", "meta_iterations", "max_visits"):
+            if not isinstance(hp[k], int) or hp[k] < 1:
+                raise MethodError(f"{k} must be a positive integer, got {hp[k]!r}")
+        for k in ("mu", "label_mu", "gen_lr"):
+            if not (isinstance(hp[k], (int, float)) and hp[k] > 0):
+                raise MethodError(f"{k} must be a positive number, got {hp[k]!r}")
         return hp
 
     # ---------------------------------------------------------------------------------------------
@@ -348,12 +400,20 @@ class BiDfMKD(Method):
             visits, q, gen_iters = plan_recovery(budget, batch, hp["q"], hp["gen_iterations"], hp["max_visits"],
                                                  per_visit_cap=math.inf if per_api is None else float(per_api),
                                                  min_iterations=hp["min_gen_iterations"], min_q=hp["min_q"])
+            if hp["spend_budget"]:
+                gen_iters = grow_recovery(budget, batch, q, gen_iters, visits, max_iterations=hp["max_gen_iterations"],
+                                          per_visit_cap=math.inf if per_api is None else float(per_api))
         else:
             visits, q, gen_iters = (min(hp["max_visits"], int(budget // (2 * batch))) if budget < math.inf else hp["max_visits"]), hp["q"], 0
         M = hp["meta_iterations"]
         visit_every = hp["visit_every"] or max(1, M // max(visits, 1))
+        kind = apis[0].info.output_kind
         plan = {"visits": visits, "q": q, "gen_iterations": gen_iters, "batch": batch, "budget": None if budget == math.inf else budget,
-                "cost_per_visit": recovery_cost(batch, q, gen_iters), "visit_every": visit_every, "meta_iterations": M}
+                "cost_per_visit": recovery_cost(batch, q, gen_iters), "planned_queries": visits * recovery_cost(batch, q, gen_iters),
+                "visit_every": visit_every, "meta_iterations": M, "estimator": hp["estimator"], "orthogonal": bool(hp["orthogonal"]),
+                "zo_resolution": (hp["zo_resolution"] or image_shape[1] // 4) if hp["estimator"] == "subspace" else None,
+                "output_kind": kind, "mu": hp["label_mu"] if kind == "label" else hp["mu"], "boundary": kind != "label",
+                "spend_budget": bool(hp["spend_budget"])}
         context.progress.log(f"bidf-mkd plan: {plan}")
 
         order: list[int] = []
@@ -441,6 +501,8 @@ class BiDfMKD(Method):
         report["memory_classes"] = len(memory.classes)
         report["memory_images"] = memory.n_images()
         report["queries_total"] = sum(counts.values())
+        agree = [v[k] for v in report["visits"] for k in ("support_agreement", "query_agreement") if v.get(k) is not None]
+        report["recovery_agreement_mean"] = round(sum(agree) / len(agree), 4) if agree else None
         self.report_ = report
         title = f"bidf-mkd: recovered samples ({len(memory.classes)} classes, {n_visits} API visits)"
         self.artifacts_ = {"recovered": lambda path: _save_grid(memory, path, title)}
@@ -460,13 +522,15 @@ class BiDfMKD(Method):
             if iters < 1:
                 raise BudgetExhausted(f"API {api_idx}: {left} queries left, too few for a visit", requested=recovery_cost(batch, q, 1),
                                       used=0, budget=int(left), scope=f"api:{api_idx}")
-        common = dict(ways=k, per_class=per_class, iterations=iters, q=q, mu=hp["mu"], lr=hp["gen_lr"], rng=rng, device=device,
-                      image_shape=image_shape, zo=self.use_zo_recovery, ngf=hp["ngf"])
+        label = api.info.output_kind == "label"
+        common = dict(ways=k, per_class=per_class, iterations=iters, q=q, mu=hp["label_mu"] if label else hp["mu"], lr=hp["gen_lr"],
+                      rng=rng, device=device, image_shape=image_shape, zo=self.use_zo_recovery, ngf=hp["ngf"],
+                      directions=hp["estimator"], resolution=hp["zo_resolution"], orthogonal=bool(hp["orthogonal"]))
         info = {"api": api_idx, "arch_classes": list(api.info.classes), "iteration": it}
         sup = recover(_CountingAPI(api, counts, "support"), **common)
         memory.add(sup.images, sup.labels, api.info.classes, source=api_idx)
         info.update(support_loss_first=sup.losses[0] if sup.losses else None, support_loss_best=min(sup.losses) if sup.losses else None,
-                    support_iterations=sup.iterations)
+                    support_iterations=sup.iterations, support_agreement=sup.agreement)
         kd_api = _CountingAPI(api, counts, "kd")
         S = augment(sup.images, rng)
         try:
@@ -476,7 +540,7 @@ class BiDfMKD(Method):
             return None, info
         # task-specific student for the boundary term: theta_i from the inner KD loop (detached)
         student = None
-        boundary = self.use_boundary and self.use_zo_recovery and it >= hp["boundary_start"] and not sup.exhausted
+        boundary = self.use_boundary and self.use_zo_recovery and it >= hp["boundary_start"] and not sup.exhausted and not label
         if boundary:
             params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
             with torch.enable_grad():
@@ -498,7 +562,7 @@ class BiDfMKD(Method):
             return None, info
         memory.add(qry.images, qry.labels, api.info.classes, source=api_idx)
         info.update(query_loss_first=qry.losses[0] if qry.losses else None, query_loss_best=min(qry.losses) if qry.losses else None,
-                    query_iterations=qry.iterations, boundary=boundary)
+                    query_iterations=qry.iterations, boundary=boundary, query_agreement=qry.agreement)
         Q = augment(qry.images, rng)
         try:
             tQ = query_logits(kd_api, Q)

@@ -65,7 +65,7 @@ def _anchor(text: str) -> str:
     return "".join(c if c.isalnum() or c == "-" else "-" for c in text.lower().replace(" ", "-"))
 
 
-def render_suites(report: Report) -> list[str]:
+def render_suites(report: Report, plots: dict | None = None) -> list[str]:
     parts = []
     for (suite, scale), tables in report.tables.items():
         parts.append(f"\n## {suite} ({scale} scale)\n")
@@ -78,6 +78,9 @@ def render_suites(report: Report) -> list[str]:
                 parts.append(f"{desc}\n")
             h, rows = scenario_rows(t, markdown=True)
             parts.append(tabulate(rows, headers=h, tablefmt="github", disable_numparse=True) + "\n")
+        from .budget_report import render_budget_sections  # accuracy per budget, paired tests vs random (issue 15)
+
+        parts += ["\n" + x for x in render_budget_sections(tables, report.records.ok, alpha=report.alpha, plots=(plots or {}).get((suite, scale)))]
         ranks = report.ranks[(suite, scale)]
         if ranks.avg_ranks:
             parts.append(f"\n### Average rank ({suite}, {scale})\n")
@@ -128,7 +131,8 @@ def render_problems(report: Report, reported_invalid: Sequence[Rejected] = ()) -
 
 
 def render(records: Sequence[ResultRecord] | RecordSet, reported: Sequence[Reported] = (),
-           reported_invalid: Sequence[Rejected] = (), *, alpha: float = 0.05, n_boot: int = 10_000, seed: int = 0) -> str:
+           reported_invalid: Sequence[Rejected] = (), *, alpha: float = 0.05, n_boot: int = 10_000, seed: int = 0,
+           plot_dir: str | Path | None = None, plot_link: str = "") -> str:
     """The leaderboard page as markdown. ``records``: a validated :class:`RecordSet`, or a list of
     records (then only their ``ok`` ones are ranked and the others listed as not counted)."""
     if not isinstance(records, RecordSet):
@@ -146,7 +150,13 @@ def render(records: Sequence[ResultRecord] | RecordSet, reported: Sequence[Repor
     else:
         parts.append("No valid result records yet.\n")
     parts.append(PROTOCOL)
-    parts += render_suites(report)
+    plots = None
+    if plot_dir is not None:  # accuracy-vs-queries plots of budget sweeps, linked from the page
+        from .budget_report import write_budget_plots
+
+        plots = {k: {i: f"{plot_link}{p.name}" for i, p in write_budget_plots(t, plot_dir, f"{k[0]}-{k[1]}").items()}
+                 for k, t in report.tables.items()}
+    parts += render_suites(report, plots)
     parts += render_reported(reported)
     parts += render_problems(report, reported_invalid)
     return "\n".join(parts).rstrip() + "\n"
@@ -157,6 +167,8 @@ def write_leaderboard(results: str | Path = "results", out: str | Path = "leader
     """Validate every record under ``results`` and regenerate ``out``."""
     records = load_records(results)
     reported, reported_bad = load_reported(results)
-    text = render(records, reported, reported_bad, alpha=alpha, n_boot=n_boot, seed=seed)
+    plot_dir = Path(out).parent / "leaderboard-plots"
+    text = render(records, reported, reported_bad, alpha=alpha, n_boot=n_boot, seed=seed, plot_dir=plot_dir,
+                  plot_link=f"{plot_dir.name}/")
     atomic_write_bytes(out, text.encode())
     return Path(out)

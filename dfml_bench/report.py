@@ -160,6 +160,10 @@ def render_text(report: Report, tablefmt: str = "github") -> str:
             out.append(f"{'### ' if md else ''}{t.scenario}  (best: {t.best}; α = {t.alpha}, rule: {t.rule})\n")
             h, rows = scenario_rows(t, markdown=md)
             out.append(tabulate(rows, headers=h, tablefmt=tablefmt, disable_numparse=True) + "\n")
+        from .budget_report import render_budget_sections  # accuracy per budget, paired tests vs random (issue 15)
+
+        out += render_budget_sections(tables, report.records.ok, markdown=md, alpha=report.alpha,
+                                      plots={i: f"{suite}-{scale}-budget-{i}.png" for i in range(len(budget_groups(tables)))} if md else None)
         ranks = report.ranks[(suite, scale)]
         if ranks.avg_ranks:
             out.append(f"{'### ' if md else ''}average ranks over {len(tables)} scenario(s)\n")

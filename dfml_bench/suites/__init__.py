@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import importlib
 
-FAMILIES = ("smoke", "blackbox", "whitebox", "sweeps")
+FAMILIES = ("smoke", "blackbox", "whitebox", "sweeps", "budget")
 
 
 def builtin_suites() -> dict:
