@@ -10,7 +10,8 @@ from torch import nn
 from baselines.tgr import (TGR, draw_from_group, fim_similarity, group_models, igr_gradient, similarity_matrix,
                            task_embedding, within_group_dissimilarity)
 from dfml_bench.methods import MethodError
-from tests.test_free import toy_world  # noqa: F401  (the shared toy zoo fixture)
+from tests.test_free import Vec, toy_world  # noqa: F401  (toy_world: the shared toy zoo fixture)
+from tests.test_free import _quadratic_tasks as _quadratics
 
 # ---------------------------------------------------------------------------------------------
 # similarity and grouping
@@ -86,21 +87,6 @@ def test_task_embedding_separates_different_tasks(toy_world):  # noqa: F811
 
 # ---------------------------------------------------------------------------------------------
 # implicit gradient regularisation on quadratic tasks
-
-
-class Vec(nn.Module):
-    def __init__(self, theta: torch.Tensor):
-        super().__init__()
-        self.theta = nn.Parameter(theta.clone())
-
-
-def _quadratics(n: int, d: int, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        a = torch.randn(d, d, generator=g, dtype=torch.float64)
-        out.append((a @ a.T / d + 0.5 * torch.eye(d, dtype=torch.float64), torch.randn(d, generator=g, dtype=torch.float64)))
-    return out
 
 
 def test_igr_descends_the_loss_plus_the_spread_of_task_gradients():
