@@ -47,6 +47,12 @@ def test_learnable_data_tasks_pool_models_by_global_class_and_never_repeat_an_im
             data.sample_task(5, 1, 3, g)
     x = data.images()
     assert x.min() >= 0 and x.max() <= 1
+    # per-model tasks: every image of a task comes from one model's pixels
+    for _ in range(20):
+        sx, _sy, qx, _qy = data.sample_task(5, 1, 2, g, per_model=True)
+        rows = {tuple(r.tolist()) for r in torch.cat([sx, qx]).flatten(1)}
+        owners = {m for m in range(2) for r in data.images(m).detach().flatten(1) if tuple(r.tolist()) in rows}
+        assert len(owners) == 1
 
 
 def test_image_priors_prefer_smooth_images():
@@ -161,3 +167,13 @@ def test_bad_parameters_are_refused():
         PURER(meta_batches=0).config("cpu")
     with pytest.raises(MethodError, match="scale"):
         PURER().config("gpu")
+    with pytest.raises(MethodError, match="task_source"):
+        PURER(task_source="bogus").config("cpu")
+
+
+def test_registered_through_the_entry_point_with_its_ablation_switches():
+    from dfml_bench.ablation import variants_of
+    from dfml_bench.methods import get_method
+
+    assert isinstance(get_method("purer"), PURER)
+    assert [v.name for v in variants_of("purer")] == ["full", "no-curriculum", "no-average_init", "no-bn_prior", "no-image_priors"]

@@ -174,3 +174,11 @@ def test_bad_parameters_are_refused():
         TGR(teachers_per_epoch=0)
     with pytest.raises(MethodError, match="scale"):
         TGR().config("gpu")
+
+
+def test_registered_through_the_entry_point_with_its_ablation_switches():
+    from dfml_bench.ablation import variants_of
+    from dfml_bench.methods import get_method
+
+    assert isinstance(get_method("tgr"), TGR)
+    assert [v.name for v in variants_of("tgr")] == ["full", "no-grouping", "no-igr", "no-distill", "no-replay"]
