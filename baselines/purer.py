@@ -227,6 +227,8 @@ def data_step(data: LearnableData, opt: torch.optim.Optimizer, teachers: list, m
         adv = adversarial_task_loss(meta_learner, data, spec, cfg, g)
         total = total - cfg["adv_scale"] * adv
         out["outer_loss"] = float(adv.detach())
+    if not total.requires_grad:  # nothing to optimise in this step
+        return out
     (grad,) = torch.autograd.grad(total, [data.z])
     opt.zero_grad(set_to_none=True)
     data.z.grad = grad
