@@ -26,7 +26,7 @@ from dfml_bench.methods import Method
 from dfml_bench.registry import register, unregister
 from dfml_bench.runner import RunOptions, run_suite
 from dfml_bench.scenarios import Suite
-from dfml_bench.server import SERVER_NAME, APIServerDied, ServedAPI, serve_zoo
+from dfml_bench.server import MAX_REQUEST_BYTES, SERVER_NAME, APIServerDied, ServedAPI, connect, serve_zoo, start_server
 from dfml_bench.zoo import build_zoo
 
 MAX_BATCH = 64
@@ -82,10 +82,10 @@ def test_outputs_equal_in_process_api_for_every_kind(zoo, served):
     assert torch.equal(a, kept)
 
 
-def test_large_batch_grows_the_shared_buffers(zoo, served):
+def test_large_batch_fits_the_fixed_shared_buffers(zoo, served):
     apis, meter, infos = served
     before = meter.snapshot()["per_api"]
-    x = _images(1500, seed=3)  # beyond the initial 256-image buffers
+    x = _images(1500, seed=3)  # a large batch (buffers are sized once for max_batch)
     ref = InProcessAPI(zoo.load_model(1), infos[1], QueryMeter(3))
     got = apis[1].query(x)
     assert got.shape == (1500, 5)
@@ -205,16 +205,44 @@ def test_malformed_requests_are_refused_and_float64_half_accepted(served):
     for req in ({"op": "exec", "code": "print(1)"}, {"op": "query", "api": 7, "dtype": "float32", "shape": [1, 3, 16, 16]},
                 {"op": "query", "api": 0, "dtype": "object", "shape": [1]},
                 {"op": "query", "api": 0, "dtype": "float32", "shape": [10**6, 3, 16, 16]},
-                {"op": "grow", "images": 10**9, "bytes": 10**12}):
+                {"op": "stop"}, {"op": "grow", "images": 10**9, "bytes": 10**12}):
         with ch._lock, pytest.raises(QueryError):
             ch._call(req)
     for raw in (b"\xff\xfe not json", b"[" * 60000, b"{}"):
-        with ch._lock:
-            ch._conn.send_bytes(raw)
-            reply = ch._reply(10.0)
-        assert reply["ok"] is False and reply["error"] == "QueryError" and "malformed request" in reply["message"]
+        with ch._lock, pytest.raises(QueryError, match="malformed request"):
+            ch._call(raw)
+    # a raw request over the 64 KiB limit is read off, answered with an error, and the server stays up
+    with ch._lock, pytest.raises(QueryError, match="exceeds the limit of 65536 bytes"):
+        ch._call(b"{" + b" " * (4 * MAX_REQUEST_BYTES))
     assert apis[1].query(_images(3).double()).shape == (3, 5)
     assert apis[1].query(_images(3).half()).shape == (3, 5)
+
+
+def _vm_hwm_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as fh:
+        return int(next(l for l in fh if l.startswith("VmHWM")).split()[1]) / 1024
+
+
+def test_huge_query_is_refused_and_server_memory_stays_bounded(zoo):
+    """A 20,000-image query used to take the server to 5.5 GB; now batches above max_batch (default 4096)
+    are refused uncharged and the largest allowed one is answered within bounded memory."""
+    meter = QueryMeter(3)
+    infos = [dataclasses.replace(i, max_batch=APIInfo.max_batch) for i in _infos(zoo, ["logits"] * 3)]
+    server = start_server(zoo, infos, meter, "cpu")
+    apis, channel = connect(server.take_endpoint(), "cpu", meter=meter, proc=server.proc)
+    try:
+        with pytest.raises(QueryError, match="exceeds this API's maximum of 4096"):
+            apis[0].query(_images(20_000))
+        # bypassing the client's check: the server refuses it too, nothing charged
+        with channel._lock, pytest.raises(QueryError, match="maximum of 4096"):
+            channel._call({"op": "query", "api": 0, "dtype": "float32", "shape": [20_000, 3, 16, 16]})
+        assert server.counts() == [0, 0, 0]
+        assert apis[0].query(_images(4096)).shape == (4096, 5)
+        assert server.counts() == [4096, 0, 0]
+        assert _vm_hwm_mb(server.proc.pid) < 1500
+    finally:
+        server.close()
+        channel.close()
 
 
 # ---------------------------------------------------------------------------------------- nothing leaks
