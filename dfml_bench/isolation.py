@@ -296,14 +296,16 @@ def kill_user(user: FitUser | None) -> None:
 
 
 def _pids_of(uid: int) -> list[int]:
+    """Live (non-zombie) processes whose real uid is ``uid``."""
     pids = []
     for d in os.listdir("/proc"):
         if d.isdigit():
             try:
                 with open(f"/proc/{d}/status") as fh:
-                    if any(line.startswith("Uid:") and int(line.split()[1]) == uid for line in fh):
-                        pids.append(int(d))
-            except (OSError, ValueError):
+                    fields = dict(line.split(":", 1) for line in fh if ":" in line)
+                if int(fields["Uid"].split()[0]) == uid and not fields.get("State", "").strip().startswith(("Z", "X")):
+                    pids.append(int(d))
+            except (OSError, ValueError, KeyError):
                 pass
     return pids
 
@@ -450,6 +452,7 @@ class FitProcess:
         self._reader = threading.Thread(target=self._read_output, daemon=True)
         self._reader.start()
         self.t_go: float | None = None
+        self.traceback: str | None = None
 
     def _read_output(self) -> None:
         for raw in iter(self.proc.stdout.readline, b""):
@@ -553,6 +556,8 @@ class FitProcess:
         except (FileNotFoundError, ValueError):
             raise FitFailed(self.failure(f"fit of {self.method!r} wrote no result")) from None
         if not isinstance(res, dict) or not res.get("ok") or self.proc.returncode != 0:
+            if isinstance(res, dict) and isinstance(res.get("traceback"), str):
+                self.traceback = res["traceback"][-8000:]  # the fit process's own traceback, for the record
             raise FitFailed(self.failure(f"fit of {self.method!r} failed"))
         return res
 

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .access import APIInfo, InProcessAPI, QueryMeter, WhiteBoxModel
-from .isolation import Description, FitLimits, FitProcess, load_state
+from .isolation import Description, FitFailed, FitLimits, FitProcess, load_state
 from .backbones import build_backbone
 from .datasets import ImageDataset, load_dataset
 from .episodes import EpisodeSet, EpisodeSpec, frozen_episodes
@@ -279,7 +279,7 @@ def run_one(suite: Suite, scenario: Scenario, method_name: str, seed: int, opts:
     except Exception as exc:  # the run fails, the suite goes on
         record.status = "failed"
         record.error = f"{type(exc).__name__}: {exc}"
-        record.extra = {"traceback": getattr(fitter, "traceback", None) or traceback.format_exc(limit=20)}
+        record.extra = {"traceback": getattr(getattr(fitter, "proc", None), "traceback", None) or traceback.format_exc(limit=20)}
         if fitter is not None:
             q = fitter.queries(quiet=True)
             if q:
@@ -381,7 +381,11 @@ class _Fitter:
         from .isolation import kill_user
 
         kill_user(self.proc.user)  # whatever it left running (daemons) goes before anything is read
-        res = self.proc.result()
+        try:
+            res = self.proc.result()
+        except FitFailed as exc:
+            death = self.server.death() if self.server is not None else None
+            raise FitFailed(f"{exc} ({death})" if death else str(exc)) from None
         self.report = res.get("report") if isinstance(res.get("report"), dict) else {}
         self._artifact_names = res.get("artifacts") if isinstance(res.get("artifacts"), dict) else {}
         self.local_queries = res.get("whitebox_queries") if isinstance(res.get("whitebox_queries"), dict) else None
