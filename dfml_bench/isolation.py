@@ -602,17 +602,23 @@ for name, value in json.loads(sys.argv[1]).items():
         obj = importlib.import_module(module)
         for part in attr.split("."):
             obj = getattr(obj, part)
-        out[name] = None
+        out[name] = {"error": None, "not_data_free": getattr(obj, "not_data_free", None)}
     except BaseException as exc:
-        out[name] = f"{type(exc).__name__}: {exc}"[:2000]
+        out[name] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
 print(json.dumps(out))
 """
 
 
 def probe_imports(values: dict[str, str], user: FitUser | None, timeout: float = DESCRIBE_TIMEOUT,
                   protect: list[str] = ()) -> dict[str, str | None]:
-    """Import each ``name -> "module:attr"`` in a throwaway process (as ``user``); the import errors.
-    The harness never imports a method's code itself."""
+    """Import each ``name -> "module:attr"`` in a throwaway process (as ``user``); the import errors."""
+    return {k: v.get("error") for k, v in describe_entries(values, user, timeout, protect).items()}
+
+
+def describe_entries(values: dict[str, str], user: FitUser | None, timeout: float = DESCRIBE_TIMEOUT,
+                     protect: list[str] = ()) -> dict[str, dict]:
+    """Import each ``name -> "module:attr"`` in a throwaway process (as ``user``):
+    ``{name: {"error": str | None, "not_data_free": bool}}``. The harness never imports a plugin itself."""
     scratch = make_scratch(user)
     try:
         res = subprocess.run(sandboxed([sys.executable, "-c", _PROBE, json.dumps(values)], user, protect), cwd=scratch,
@@ -621,12 +627,12 @@ def probe_imports(values: dict[str, str], user: FitUser | None, timeout: float =
         try:
             last = res.stdout.decode("utf-8", "replace").strip().splitlines()[-1]
             got = json.loads(last)
-            return {k: (str(v) if v is not None else None) for k, v in got.items() if k in values}
+            return {k: (v if isinstance(v, dict) else {"error": "malformed answer"}) for k, v in got.items() if k in values}
         except (IndexError, ValueError):
             err = res.stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or ["no output"]
-            return {k: f"the import check failed: {err[0][:500]}" for k in values}
+            return {k: {"error": f"the import check failed: {err[0][:500]}"} for k in values}
     except subprocess.TimeoutExpired:
-        return {k: f"importing the plugins took over {timeout:g} s" for k in values}
+        return {k: {"error": f"importing the plugins took over {timeout:g} s"} for k in values}
     finally:
         kill_user(user)
         shutil.rmtree(scratch, ignore_errors=True)

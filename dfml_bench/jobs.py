@@ -76,6 +76,8 @@ class JobContext:
     method_params: dict = field(default_factory=dict)
     isolated_apis: bool = True
     plugins: tuple[str, ...] = ()
+    fit_timeout: float | None = None  # seconds per fit (issue 13); None: the scenario's / scale's default
+    fit_memory_gb: float | None = None  # address-space limit of the fit process (CPU)
 
 
 @dataclass

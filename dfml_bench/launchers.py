@@ -73,7 +73,8 @@ def execute_job(job: Job, ctx: JobContext, *, progress: bool = False, log: Log |
             state, error, extra = "done", None, {"zoo": str(zoo.path)}
         elif job.kind == "run":
             opts = RunOptions(out=Path(ctx.out), device=device, episodes=ctx.episodes, data_root=ctx.data_root,
-                              progress=progress, log=log, method_params=dict(ctx.method_params), isolated_apis=ctx.isolated_apis)
+                              progress=progress, log=log, method_params=dict(ctx.method_params), isolated_apis=ctx.isolated_apis,
+                              fit_timeout=ctx.fit_timeout, fit_memory_gb=ctx.fit_memory_gb)
             rec = run_one(suite, scenario, job.method, int(job.seed), opts, bar)
             state = "failed" if rec.status == "failed" else "done"
             error, extra = rec.error, {"record_status": rec.status}

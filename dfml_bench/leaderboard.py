@@ -128,7 +128,8 @@ def render_problems(report: Report, reported_invalid: Sequence[Rejected] = ()) -
 
 
 def render(records: Sequence[ResultRecord] | RecordSet, reported: Sequence[Reported] = (),
-           reported_invalid: Sequence[Rejected] = (), *, alpha: float = 0.05, n_boot: int = 10_000, seed: int = 0) -> str:
+           reported_invalid: Sequence[Rejected] = (), *, alpha: float = 0.05, n_boot: int = 10_000, seed: int = 0,
+           verification: Sequence[str] = ()) -> str:
     """The leaderboard page as markdown. ``records``: a validated :class:`RecordSet`, or a list of
     records (then only their ``ok`` ones are ranked and the others listed as not counted)."""
     if not isinstance(records, RecordSet):
@@ -147,6 +148,7 @@ def render(records: Sequence[ResultRecord] | RecordSet, reported: Sequence[Repor
         parts.append("No valid result records yet.\n")
     parts.append(PROTOCOL)
     parts += render_suites(report)
+    parts += list(verification)  # re-run verified vs submitted (dfml_bench.verify)
     parts += render_reported(reported)
     parts += render_problems(report, reported_invalid)
     return "\n".join(parts).rstrip() + "\n"
@@ -157,6 +159,9 @@ def write_leaderboard(results: str | Path = "results", out: str | Path = "leader
     """Validate every record under ``results`` and regenerate ``out``."""
     records = load_records(results)
     reported, reported_bad = load_reported(results)
-    text = render(records, reported, reported_bad, alpha=alpha, n_boot=n_boot, seed=seed)
+    from .verify import verification_section
+
+    text = render(records, reported, reported_bad, alpha=alpha, n_boot=n_boot, seed=seed,
+                  verification=verification_section(records.ok, results))
     atomic_write_bytes(out, text.encode())
     return Path(out)
