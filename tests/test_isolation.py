@@ -8,6 +8,7 @@ unprivileged uid, and the privilege-separation assertions are made for real."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tempfile
 import time
@@ -185,3 +186,73 @@ def test_weights_file_is_checked_before_loading(tmp_path):
     (tmp_path / "big.pt").write_bytes(b"\0" * (10 << 20))
     with pytest.raises(FitFailed, match="over the limit"):
         load_state(tmp_path / "big.pt", ref, "m")
+
+
+# ------------------------------------------------------------------------ records the harness can vouch for
+
+
+def _record_dict(honest, scenario="wb", method="random") -> dict:
+    return json.loads(json.dumps(honest[0][(scenario, method)].to_dict()))
+
+
+def test_recomputation_checks_reject_forged_records(honest):
+    from dfml_bench.validate import episode_problems, record_problems
+
+    assert record_problems(_record_dict(honest, "bb", "random")) == []
+    assert record_problems(_record_dict(honest, "wb", "oracle")) == []
+
+    d = _record_dict(honest, "bb", "random")
+    d["queries"]["per_api"] = [5, 0, 0]  # total says 0
+    assert any("sums to 5" in p for p in record_problems(d))
+    d = _record_dict(honest, "bb", "random")
+    d["queries"].update(total_budget=10**9)  # a larger budget than the scenario's
+    assert any("scenario's budget_total" in p for p in record_problems(d))
+    d = _record_dict(honest, "wb", "random")
+    d["per_episode"][0] = 0.37  # 5-way, 5 queries: accuracies are multiples of 1/25
+    d["accuracy"]["mean"] = sum(d["per_episode"]) / len(d["per_episode"])
+    assert any("impossible for episodes of 25 query images" in p for p in record_problems(d))
+    d = _record_dict(honest, "wb", "random")
+    d["per_episode"] = d["per_episode"][:-1]
+    d["accuracy"].update(n=len(d["per_episode"]), mean=sum(d["per_episode"]) / len(d["per_episode"]))
+    assert any("asks for 20 test episodes" in p for p in record_problems(d))
+    d = _record_dict(honest, "wb", "oracle")
+    d["flags"]["not_data_free"] = False  # the oracle passing as data-free
+    assert any("registered method 'oracle' says True" in p for p in record_problems(d))
+
+    assert episode_problems(_record_dict(honest, "wb", "random")) == []
+    d = _record_dict(honest, "wb", "random")
+    d["hashes"]["test_episodes"] = "0" * 64
+    assert any("not the canonical" in p for p in episode_problems(d))
+
+
+def test_verify_reproduces_a_record_and_the_leaderboard_marks_it(honest, tmp_path):
+    from click.testing import CliRunner
+
+    from dfml_bench.cli import main
+    from dfml_bench.results import write_record
+    from dfml_bench.verify import LEDGER, is_verified
+
+    root = tmp_path / "results"
+    rec = honest[0][("wb", "random")]
+    path = write_record(root, rec)
+    write_record(root, honest[0][("wb", "oracle")])
+    res = CliRunner().invoke(main, ["verify", str(path)])
+    assert res.exit_code == 0, res.output
+    assert "REPRODUCED toy-cpu/wb/random/seed-0: all 20 per-episode accuracies equal" in res.output
+    assert is_verified(root, rec.key) and (root / LEDGER).exists()
+    lb = tmp_path / "lb.md"
+    res = CliRunner().invoke(main, ["leaderboard", "--results", str(root), "--out", str(lb), "--bootstrap", "200"])
+    assert res.exit_code == 0, res.output
+    section = lb.read_text().split("## Re-run verification")[1]
+    rows = {ln.split("|")[3].strip(): ln for ln in section.splitlines() if ln.startswith("| toy")}
+    assert "re-run verified" in rows["random"] and "submitted" in rows["oracle"]
+
+    # a forged record (one episode better, summary made consistent) is not reproduced, and the edit un-verifies it
+    d = json.loads(path.read_text())
+    i = d["per_episode"].index(min(d["per_episode"]))
+    d["per_episode"][i] = round(d["per_episode"][i] + 0.04, 6)
+    d["accuracy"]["mean"] = sum(d["per_episode"]) / len(d["per_episode"])
+    path.write_text(json.dumps(d))
+    assert not is_verified(root, rec.key)
+    res = CliRunner().invoke(main, ["verify", str(path)])
+    assert res.exit_code == 1 and "NOT REPRODUCED" in res.output and "19/20 episodes equal" in res.output
