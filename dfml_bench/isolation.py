@@ -161,12 +161,30 @@ def _reachable_by_others(path: Path) -> bool:
         return False
 
 
+_UNSHARE: dict[str, bool] = {}
+
+
+def can_unshare() -> bool:
+    """Whether a private mount namespace can be made here (root with CAP_SYS_ADMIN; not in every container)."""
+    if "ok" not in _UNSHARE:
+        ok = False
+        if sys.platform.startswith("linux") and is_root():
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - child
+                import ctypes
+
+                os._exit(0 if ctypes.CDLL(None, use_errno=True).unshare(0x00020000) == 0 else 1)
+            ok = os.waitpid(pid, 0)[1] == 0
+        _UNSHARE["ok"] = ok
+    return _UNSHARE["ok"]
+
+
 def protect_paths(paths: list[Path | str | None], user: FitUser | None, log: Callable[[str], None] | None = None) -> list[str]:
-    """With a separate fit user, make each existing folder in ``paths`` (zoo cache, results, data root)
-    unreachable to it (``chmod o-rwx`` on the folder itself when others could enter it). Returns what
-    was changed; every change is logged."""
+    """With a separate fit user and no mount namespace to hide them in, make each existing folder in
+    ``paths`` (zoo cache, results, data root) unreachable to it (``chmod o-rwx`` on the folder itself
+    when others could enter it). Returns what was changed; every change is logged."""
     changed = []
-    if user is None:
+    if user is None or can_unshare():  # the sandbox covers them with empty mounts instead
         return changed
     for p in paths:
         if p is None:

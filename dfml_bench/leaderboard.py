@@ -147,8 +147,8 @@ def render(records: Sequence[ResultRecord] | RecordSet, reported: Sequence[Repor
     else:
         parts.append("No valid result records yet.\n")
     parts.append(PROTOCOL)
-    parts += render_suites(report)
     parts += list(verification)  # re-run verified vs submitted (dfml_bench.verify)
+    parts += render_suites(report)
     parts += render_reported(reported)
     parts += render_problems(report, reported_invalid)
     return "\n".join(parts).rstrip() + "\n"

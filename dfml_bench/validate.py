@@ -201,9 +201,12 @@ def registered_not_data_free(method: str) -> bool | None:
 
 
 def flag_problems(d: dict) -> list[str]:
-    """``flags.not_data_free`` must be the registered method's own flag (an oracle cannot pass as data-free)."""
+    """``flags.not_data_free`` must be the registered method's own flag (an oracle cannot pass as data-free),
+    and the method must have been fitted in an isolated process."""
     flags = d.get("flags") or {}
-    if "not_data_free" not in flags or (d.get("flags") or {}).get("reported"):
+    if flags.get("isolated") is False:
+        return ["its method was fitted in the harness's own process (isolate=False, a debugging mode): not counted"]
+    if "not_data_free" not in flags or flags.get("reported"):
         return []
     want = registered_not_data_free(str(d.get("method")))
     if want is not None and bool(flags["not_data_free"]) != want:
