@@ -28,6 +28,8 @@ def main() -> None:
     ap.add_argument("--methods", help="comma-separated (default: the suite's)")
     ap.add_argument("--episodes", type=int, help="test episodes per job (default: the scenario's)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--compare-to", type=Path, help="a results folder with records of the same suite made before the "
+                    "change (e.g. the committed results/): are the per-episode accuracies the same?")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     suite = get_suite(args.suite, args.scale)
@@ -50,6 +52,14 @@ def main() -> None:
     print(f"isolated fit   : {times['isolated']:.1f} s")
     print(f"ratio          : {ratio:.3f}x  ({(times['isolated'] - times['in-process']) / n_jobs:+.2f} s per job)")
     print(f"per-episode accuracies identical: {same}")
+    if args.compare_to:
+        from dfml_bench.results import read_record
+
+        for k, r in sorted(recs["isolated"].items()):
+            p = r.key.path(args.compare_to)
+            if r.status == "ok" and p.exists():
+                old = read_record(p)
+                print(f"  vs {p}: per-episode accuracies {'identical' if old.per_episode == r.per_episode else 'DIFFERENT'}")
     for k, r in sorted(recs["isolated"].items()):
         print(f"  {k[0]}/{k[1]}: {r.status} fit {r.timing.get('fit_seconds', 0):.1f} s, total {r.timing.get('total_seconds', 0):.1f} s "
               f"(in-process {recs['in-process'][k].timing.get('total_seconds', 0):.1f} s)")
