@@ -105,7 +105,6 @@ def _context(job: dict, fds: list[int], method):
     from .episodes import EpisodeSet, EpisodeSpec
     from .evaluation import AdaptProtocol, evaluate
     from .methods import MethodContext, Progress
-    from .scenarios import Scenario  # noqa: F401  (scenario facts arrive as plain dicts)
     from .utils import make_generator, seeded_torch, derive_seed
 
     device = torch.device(job["device"])

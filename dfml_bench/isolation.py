@@ -201,31 +201,39 @@ def protect_paths(paths: list[Path | str | None], user: FitUser | None, log: Cal
 
 
 def make_scratch(user: FitUser | None) -> Path:
-    """A private, empty working folder owned by the fit user."""
-    d = Path(tempfile.mkdtemp(prefix="dfml-fit-"))
+    """A private, empty working folder owned by the fit user, inside a root-owned 0711 folder (so the fit
+    process cannot move it away or put a link in its place)."""
+    outer = Path(tempfile.mkdtemp(prefix="dfml-fit-"))
+    os.chmod(outer, 0o711)
+    d = outer / "w"
+    d.mkdir(mode=0o700)
     for sub in ("home", "tmp", "artifacts"):
         (d / sub).mkdir()
     if user is not None:
         for p in (d, d / "home", d / "tmp", d / "artifacts"):
             os.chown(p, user.uid, user.gid)
-    os.chmod(d, 0o700)
     return d
 
 
-def read_private(path: Path, limit: int) -> bytes:
-    """Read a file the fit process wrote, refusing links, non-regular files and files over ``limit``."""
+def remove_scratch(scratch: Path) -> None:
+    shutil.rmtree(scratch.parent, ignore_errors=True)  # rmtree never follows links
+
+
+def read_private(path: Path, limit: int, dir_fd: int | None = None) -> bytes:
+    """Read a file the fit process wrote, refusing links, non-regular files and files over ``limit``
+    (with ``dir_fd``, ``path`` is a name inside that already-opened folder)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
     except FileNotFoundError:
         raise
     except OSError as exc:
-        raise FitFailed(f"{path.name}: cannot be read safely ({exc.strerror}; links are refused)") from None
+        raise FitFailed(f"{Path(path).name}: cannot be read safely ({exc.strerror}; links are refused)") from None
     with os.fdopen(fd, "rb") as fh:
         st = os.fstat(fh.fileno())
         if not stat.S_ISREG(st.st_mode):
-            raise FitFailed(f"{path.name} is not a regular file")
+            raise FitFailed(f"{Path(path).name} is not a regular file")
         if st.st_size > limit:
-            raise FitFailed(f"{path.name} is {st.st_size} bytes, over the limit of {limit}")
+            raise FitFailed(f"{Path(path).name} is {st.st_size} bytes, over the limit of {limit}")
         return fh.read(limit + 1)[:limit]
 
 
@@ -272,21 +280,28 @@ def copy_artifacts(scratch: Path, names: dict, dest_dir: Path, stem: str) -> dic
     from .utils import atomic_write_bytes
 
     out = {}
-    for name in list(names)[:16] if isinstance(names, dict) else []:
-        safe = "".join(c for c in str(name).lower() if c.isalnum() or c in "-_")[:40]
-        if not safe:
-            continue
-        try:
-            data = read_private(scratch / "artifacts" / f"{safe}.png", MAX_ARTIFACT)
-        except (FitFailed, OSError) as exc:
-            out[safe] = f"error: {exc}"
-            continue
-        if not data.startswith(_PNG):
-            out[safe] = "error: not a PNG image"
-            continue
-        path = dest_dir / f"{stem}-{safe}.png"
-        atomic_write_bytes(path, data)
-        out[safe] = path.name
+    try:  # the fit process owns artifacts/: it may have replaced it by a link
+        dfd = os.open(scratch / "artifacts", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        return {str(n)[:40]: "error: the artifacts folder was replaced" for n in list(names)[:16]} if isinstance(names, dict) else {}
+    try:
+        for name in list(names)[:16] if isinstance(names, dict) else []:
+            safe = "".join(c for c in str(name).lower() if c.isalnum() or c in "-_")[:40]
+            if not safe:
+                continue
+            try:
+                data = read_private(Path(f"{safe}.png"), MAX_ARTIFACT, dir_fd=dfd)
+            except (FitFailed, OSError) as exc:
+                out[safe] = f"error: {exc}"
+                continue
+            if not data.startswith(_PNG):
+                out[safe] = "error: not a PNG image"
+                continue
+            path = dest_dir / f"{stem}-{safe}.png"
+            atomic_write_bytes(path, data)
+            out[safe] = path.name
+    finally:
+        os.close(dfd)
     return out
 
 
@@ -464,7 +479,7 @@ class FitProcess:
         except BaseException:
             child.close()
             self._sock.close()
-            shutil.rmtree(self.scratch, ignore_errors=True)
+            remove_scratch(self.scratch)
             raise
         child.close()
         self._reader = threading.Thread(target=self._read_output, daemon=True)
@@ -509,13 +524,22 @@ class FitProcess:
     def go(self, payload: dict, fds: tuple[int, ...] = ()) -> None:
         """Hand over the job (``payload`` is written to ``job.pt`` in the scratch folder, owned by the fit
         user) and the server endpoint's fds; the wall-time limit starts now."""
-        from .utils import atomic_torch_save
+        import io
 
-        job = self.scratch / "job.pt"
-        atomic_torch_save(job, payload)
-        if self.user is not None:
-            os.chown(job, self.user.uid, self.user.gid)
-        os.chmod(job, 0o600)
+        buf = io.BytesIO()
+        torch.save(payload, buf)
+        # written through a descriptor of a fresh file (never a path the fit process could have linked)
+        tmp = f".job-{os.getpid()}-{time.monotonic_ns()}.pt"
+        fd = os.open(self.scratch / tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            if self.user is not None:
+                os.fchown(fd, self.user.uid, self.user.gid)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(buf.getvalue())
+        except BaseException:
+            os.unlink(self.scratch / tmp)
+            raise
+        os.rename(self.scratch / tmp, self.scratch / "job.pt")
         data = json.dumps({"go": "job.pt", "fds": len(fds)}).encode()
         self.t_go = time.perf_counter()
         socket.send_fds(self._sock, [len(data).to_bytes(4, "big") + data], list(fds))
@@ -590,7 +614,7 @@ class FitProcess:
         except OSError:
             pass
         self._reader.join(timeout=5)
-        shutil.rmtree(self.scratch, ignore_errors=True)
+        remove_scratch(self.scratch)
 
 
 def limits_dict(limits: FitLimits) -> dict:
@@ -653,4 +677,4 @@ def describe_entries(values: dict[str, str], user: FitUser | None, timeout: floa
         return {k: {"error": f"importing the plugins took over {timeout:g} s"} for k in values}
     finally:
         kill_user(user)
-        shutil.rmtree(scratch, ignore_errors=True)
+        remove_scratch(scratch)

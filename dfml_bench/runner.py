@@ -126,18 +126,6 @@ def peak_rss_mb() -> float:
     return r / 1024 if sys.platform != "darwin" else r / 2**20
 
 
-def check_meta_learner(model: object, reference: nn.Module, method: str) -> nn.Module:
-    """A method must return a module with the scenario backbone's parameters (same names and shapes)."""
-    if not isinstance(model, nn.Module):
-        raise MethodError(f"method {method!r} returned {type(model).__name__}; fit() must return the meta-learner nn.Module")
-    got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    want = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
-    if got != want:
-        diff = sorted(set(got.items()) ^ set(want.items()))[:4]
-        raise MethodError(f"method {method!r} returned a model that is not the scenario's backbone (differs at {diff})")
-    return model
-
-
 def visible_data(dataset: ImageDataset, classes: list[int], val_eps: EpisodeSet) -> tuple[dict, dict]:
     """What a fit process may see of ``dataset``: the images and labels of ``classes`` only (meta-val,
     plus meta-train for a ``not_data_free`` method), in dataset order, and the meta-val episodes

@@ -256,3 +256,26 @@ def test_verify_reproduces_a_record_and_the_leaderboard_marks_it(honest, tmp_pat
     assert not is_verified(root, rec.key)
     res = CliRunner().invoke(main, ["verify", str(path)])
     assert res.exit_code == 1 and "NOT REPRODUCED" in res.output and "19/20 episodes equal" in res.output
+
+
+def test_artifacts_are_copied_only_as_png_files_never_through_links(tmp_path):
+    from dfml_bench.isolation import copy_artifacts, make_scratch, remove_scratch
+
+    scratch = make_scratch(None)
+    try:
+        (scratch / "artifacts" / "grid.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"x" * 10)
+        (scratch / "artifacts" / "fake.png").write_bytes(b"not an image")
+        os.symlink("/etc/passwd", scratch / "artifacts" / "link.png")
+        dest = tmp_path / "rec"
+        dest.mkdir()
+        got = copy_artifacts(scratch, {"grid": True, "fake": True, "link": True, "../../x": True}, dest, "seed-0")
+        assert got["grid"] == "seed-0-grid.png" and (dest / "seed-0-grid.png").read_bytes().startswith(b"\x89PNG")
+        assert got["fake"].startswith("error: not a PNG") and "links are refused" in got["link"]
+        assert sorted(p.name for p in dest.iterdir()) == ["seed-0-grid.png"]  # "../../x" reduced to "x": absent
+        # the whole artifacts folder replaced by a link: nothing is read through it
+        os.rename(scratch / "artifacts", scratch / "moved")
+        os.symlink(scratch / "moved", scratch / "artifacts")
+        assert all("replaced" in v for v in copy_artifacts(scratch, {"grid": True}, dest, "seed-1").values())
+    finally:
+        remove_scratch(scratch)
+    assert not scratch.parent.exists()
