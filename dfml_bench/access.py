@@ -122,7 +122,7 @@ class APIInfo:
     value_range: tuple[float, float] = (0.0, 1.0)
     output_kind: str = "logits"
     topk: int = 1
-    max_batch: int = 20000
+    max_batch: int = 4096  # the server refuses larger batches (split them): its memory stays bounded
     domain: str = ""
 
 

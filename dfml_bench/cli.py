@@ -122,9 +122,13 @@ def list_cmd(what: str) -> None:
 @click.option("--cluster", type=click.Choice(["slurm", "local", "debug"]), default=None,
               help="submitit executor (default: slurm when sbatch exists, else local)")
 @click.option("--no-wait", is_flag=True, help="submitit: submit and return; follow with `dfml-bench status OUT`")
+@click.option("--fit-timeout", type=click.FloatRange(min=1), help="wall-time limit of each method's fit, seconds "
+              "(default: the scenario's, else 3600 at cpu scale, 72 h at paper scale)")
+@click.option("--fit-memory-gb", type=click.FloatRange(min=0.5), help="memory (address-space) limit of the fit process "
+              "on CPU, GB (default 75 % of RAM)")
 def run(suite_name, scale, methods, seeds, episodes, device, out, data_root, quiet, plan_only, launcher, n_jobs, threads,
         plugins, slurm_config, partition, time_min, gpus_per_job, cpus_per_job, mem_gb, array_parallelism, cluster,
-        no_wait) -> None:
+        no_wait, fit_timeout, fit_memory_gb) -> None:
     """Run a suite: every (scenario, method, seed) without a finished record; then print its table.
 
     Every argument is checked before any work starts. Two runs into one --out never run a job twice:
@@ -162,7 +166,8 @@ def run(suite_name, scale, methods, seeds, episodes, device, out, data_root, qui
     check_out_dir(out, create=not plan_only)  # last: the folder is made only once everything else is right
     plan = plan_suite(suite, method_list, seed_list)
     ctx = JobContext(out=str(out), device=device, episodes=episodes, data_root=str(data_root) if data_root else None,
-                     plugins=tuple(plugins), threads=threads)
+                     plugins=tuple(plugins), threads=threads, fit_timeout=fit_timeout,
+                     fit_memory_gb=fit_memory_gb)
     if plan_only:
         click.echo(format_plan(plan, plan_states(out, plan, check_zoo=True, data_root=ctx.data_root)))
         return
@@ -183,6 +188,37 @@ def run(suite_name, scale, methods, seeds, episodes, device, out, data_root, qui
     if bad:
         for j, (state, reason) in bad:
             click.echo(f"{state.upper()} {j.id}: {reason}", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("records", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--device", help="device of the re-run (default: the record's)")
+@click.option("--data-root", type=click.Path(path_type=Path), help="root of real datasets (default $DFML_BENCH_DATA)")
+@click.option("--atol", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="tolerance per episode accuracy (0: exact, as on CPU; a GPU re-run may need 1e-6)")
+@click.option("--fit-timeout", type=click.FloatRange(min=1), help="wall-time limit of the re-run's fit, seconds")
+@click.option("--ledger/--no-ledger", default=True, show_default=True,
+              help="enter reproduced records in RESULTS/verified.json (what the leaderboard marks as re-run verified)")
+def verify(records, device, data_root, atol, fit_timeout, ledger) -> None:
+    """Re-run each RECORD (files or folders) in the isolated harness and say whether its per-episode
+    accuracies are reproduced; every recomputation check (test-episode hash, counts, budgets, flags) first."""
+    from .verify import enter_in_ledger, find_records, results_root_of, verify_record
+
+    failed = 0
+    for path in find_records(list(records)):
+        try:
+            v = verify_record(path, device=device, data_root=str(data_root) if data_root else None, atol=atol,
+                              fit_timeout=fit_timeout)
+        except (ValueError, RuntimeError) as exc:
+            click.echo(f"NOT VERIFIED {path}: {type(exc).__name__}: {exc}")
+            failed += 1
+            continue
+        click.echo(v.summary())
+        if v.reproduced and ledger:
+            enter_in_ledger(results_root_of(path), path, v)
+        failed += not v.reproduced
+    if failed:
         sys.exit(1)
 
 

@@ -81,6 +81,8 @@ class JobContext:
     isolated_apis: bool = True
     plugins: tuple[str, ...] = ()
     threads: int = PROTOCOL_THREADS  # torch intra-op threads of every job, whatever the launcher (threads.py)
+    fit_timeout: float | None = None  # seconds per fit (issue 13); None: the scenario's / scale's default
+    fit_memory_gb: float | None = None  # address-space limit of the fit process (CPU)
 
 
 @dataclass

@@ -104,7 +104,7 @@ def _execute_claimed(job: Job, ctx: JobContext, device: str, *, progress: bool, 
         elif job.kind == "run":
             opts = RunOptions(out=Path(ctx.out), device=device, episodes=ctx.episodes, data_root=ctx.data_root,
                               progress=progress, log=log, method_params=dict(ctx.method_params), isolated_apis=ctx.isolated_apis,
-                              threads=ctx.threads)
+                              threads=ctx.threads, fit_timeout=ctx.fit_timeout, fit_memory_gb=ctx.fit_memory_gb)
             rec = run_one(suite, scenario, job.method, int(job.seed), opts, bar)
             state = "failed" if rec.status == "failed" else "done"
             error, extra = rec.error, {"record_status": rec.status}

@@ -132,7 +132,7 @@ def render_problems(report: Report, reported_invalid: Sequence[Rejected] = ()) -
 
 def render(records: Sequence[ResultRecord] | RecordSet, reported: Sequence[Reported] = (),
            reported_invalid: Sequence[Rejected] = (), *, alpha: float = 0.05, n_boot: int = 10_000, seed: int = 0,
-           plot_dir: str | Path | None = None, plot_link: str = "") -> str:
+           plot_dir: str | Path | None = None, plot_link: str = "", verification: Sequence[str] = ()) -> str:
     """The leaderboard page as markdown. ``records``: a validated :class:`RecordSet`, or a list of
     records (then only their ``ok`` ones are ranked and the others listed as not counted)."""
     if not isinstance(records, RecordSet):
@@ -156,6 +156,7 @@ def render(records: Sequence[ResultRecord] | RecordSet, reported: Sequence[Repor
 
         plots = {k: {i: f"{plot_link}{p.name}" for i, p in write_budget_plots(t, plot_dir, f"{k[0]}-{k[1]}").items()}
                  for k, t in report.tables.items()}
+    parts += list(verification)  # re-run verified vs submitted (dfml_bench.verify)
     parts += render_suites(report, plots)
     parts += render_reported(reported)
     parts += render_problems(report, reported_invalid)
@@ -167,8 +168,10 @@ def write_leaderboard(results: str | Path = "results", out: str | Path = "leader
     """Validate every record under ``results`` and regenerate ``out``."""
     records = load_records(results)
     reported, reported_bad = load_reported(results)
+    from .verify import verification_section
+
     plot_dir = Path(out).parent / "leaderboard-plots"
     text = render(records, reported, reported_bad, alpha=alpha, n_boot=n_boot, seed=seed, plot_dir=plot_dir,
-                  plot_link=f"{plot_dir.name}/")
+                  plot_link=f"{plot_dir.name}/", verification=verification_section(records.ok, results))
     atomic_write_bytes(out, text.encode())
     return Path(out)

@@ -72,3 +72,23 @@ def resolve(group: str, name: str, error: type[Exception], kind: str) -> Entry:
     if entry.error is not None:
         raise error(f"{kind} plugin {name!r} ({entry.value}) failed to import: {entry.error}; fix or uninstall it")
     return entry
+
+
+def entry_info(group: str, name: str) -> Entry | None:
+    """The entry ``name`` of ``group`` WITHOUT importing it (package metadata only; in-process
+    registrations as registered). The harness uses this so that a method's code never runs in it."""
+    if name in _LOCAL.get(group, {}):
+        return _LOCAL[group][name]
+    found = None
+    for ep in metadata.entry_points(group=group):
+        if ep.name == name:
+            dist = getattr(ep, "dist", None)
+            found = Entry(name=ep.name, value=ep.value, package=dist.metadata["Name"] if dist is not None else None,
+                          version=dist.version if dist is not None else None)
+            break
+    return found
+
+
+def entry_names(group: str) -> list[str]:
+    """Names registered under ``group`` (metadata and in-process registrations), without importing."""
+    return sorted({ep.name for ep in metadata.entry_points(group=group)} | set(_LOCAL.get(group, {})))

@@ -45,6 +45,7 @@ class Scenario:
     protocol: AdaptProtocol = AdaptProtocol()
     dataset_seed: int = 0
     method_params: dict = field(default_factory=dict, hash=False, compare=False)  # method -> params at this scale
+    fit_timeout: float | None = None  # seconds a method's fit may take (None: the scale's default; --fit-timeout overrides)
     description: str = ""
 
     def __post_init__(self) -> None:

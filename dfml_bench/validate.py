@@ -110,7 +110,138 @@ def _ok_problems(d: dict) -> list[str]:
     budget = q.get("total_budget")
     if isinstance(budget, int) and isinstance(q.get("total"), int) and q["total"] > budget:
         probs.append(f"queries used ({q['total']}) exceed the budget ({budget})")
+    return probs + recomputed_problems(d)
+
+
+# ------------------------------------------------------------------ recomputation checks (issue 13)
+# What the harness can recompute from a record alone, or from the installed plugins. Called from the
+# single entry point (record_problems -> _ok_problems); the canonical test-episode hash, which needs
+# the dataset, is recomputed by :func:`episode_problems` (``dfml-bench verify``, ``load_records(deep=True)``).
+
+ACC_TOL = 1e-4  # per-episode accuracies are stored rounded to 6 decimals
+
+
+def recomputed_problems(d: dict) -> list[str]:
+    """Every cheap recomputation check of an ``ok`` record."""
+    return query_problems(d) + episode_size_problems(d) + flag_problems(d)
+
+
+def query_problems(d: dict) -> list[str]:
+    """``per_api`` non-negative integers summing to ``total``; within the per-API and total budgets, and
+    those budgets the scenario's own (a record cannot claim a larger budget than its scenario)."""
+    q = d.get("queries") or {}
+    if not q:
+        return []
+    probs = []
+    per_api, total = q.get("per_api"), q.get("total")
+    if per_api is not None:
+        if not isinstance(per_api, list) or not all(isinstance(u, int) and not isinstance(u, bool) and u >= 0 for u in per_api):
+            return [f"queries.per_api must be a list of non-negative integers, got {per_api!r}"]
+        if isinstance(total, int) and sum(per_api) != total:
+            probs.append(f"queries.per_api sums to {sum(per_api)} but queries.total says {total}")
+        pb = q.get("per_api_budget")
+        if isinstance(pb, int) and any(u > pb for u in per_api):
+            probs.append(f"an API answered {max(per_api)} queries, over the per-API budget of {pb}")
+    sc = (d.get("config") or {}).get("scenario") or {}
+    for field_, key in (("total_budget", "budget_total"), ("per_api_budget", "budget_per_api")):
+        if key in sc and field_ in q and q[field_] != sc[key]:
+            probs.append(f"queries.{field_} is {q[field_]!r} but the scenario's {key} is {sc[key]!r}")
     return probs
+
+
+def episode_size_problems(d: dict) -> list[str]:
+    """Accuracies possible for the episode size (k / (ways * queries)), and as many episodes as the
+    scenario (or the run's ``--episodes``) asks for."""
+    sc = (d.get("config") or {}).get("scenario") or {}
+    eps = sc.get("episodes") if isinstance(sc.get("episodes"), dict) else None
+    if not eps:
+        return []
+    probs = []
+    ways, queries = eps.get("ways"), eps.get("queries")
+    if isinstance(ways, int) and isinstance(queries, int) and ways > 0 and queries > 0:
+        m = ways * queries
+        bad = [a for a in d.get("per_episode") or [] if abs(a * m - round(a * m)) > ACC_TOL * m]
+        if bad:
+            probs.append(f"{len(bad)} per-episode accuracies (e.g. {bad[0]!r}) are impossible for episodes of "
+                         f"{m} query images (they must be multiples of 1/{m})")
+    want = ((d.get("config") or {}).get("options") or {}).get("episodes") or eps.get("n_episodes")
+    n = len(d.get("per_episode") or [])
+    if isinstance(want, int) and n != want:
+        probs.append(f"the record has {n} per-episode accuracies but its scenario asks for {want} test episodes")
+    return probs
+
+
+_REGISTERED_FLAGS: dict[str, bool | None] = {}
+
+
+def registered_not_data_free(method: str) -> bool | None:
+    """The ``not_data_free`` flag of the method registered under ``method`` in this installation (read
+    in a throwaway process: a plugin's code never runs in this one); ``None`` if it is not installed."""
+    if method not in _REGISTERED_FLAGS:
+        from .registry import entry_info
+
+        e = entry_info("dfml_bench.methods", method)
+        if e is None:
+            _REGISTERED_FLAGS[method] = None
+        elif e.obj is not None or e.package == "dfml-bench":  # registered in this process, or a built-in
+            from importlib import import_module
+
+            obj = e.obj
+            if obj is None:
+                module, _, attr = e.value.partition(":")
+                obj = import_module(module)
+                for part in attr.split("."):
+                    obj = getattr(obj, part)
+            _REGISTERED_FLAGS[method] = bool(getattr(obj, "not_data_free", False))
+        else:
+            from .isolation import choose_user, describe_entries
+
+            info = describe_entries({method: e.value}, choose_user()).get(method) or {}
+            flag = info.get("not_data_free")
+            _REGISTERED_FLAGS[method] = bool(flag) if isinstance(flag, bool) else None
+    return _REGISTERED_FLAGS[method]
+
+
+def flag_problems(d: dict) -> list[str]:
+    """``flags.not_data_free`` must be the registered method's own flag (an oracle cannot pass as data-free),
+    and the method must have been fitted in an isolated process."""
+    flags = d.get("flags") or {}
+    if flags.get("isolated") is False:
+        return ["its method was fitted in the harness's own process (isolate=False, a debugging mode): not counted"]
+    if "not_data_free" not in flags or flags.get("reported"):
+        return []
+    want = registered_not_data_free(str(d.get("method")))
+    if want is not None and bool(flags["not_data_free"]) != want:
+        return [f"flags.not_data_free is {flags['not_data_free']!r} but the registered method {d.get('method')!r} "
+                f"says {want!r}"]
+    return []
+
+
+def canonical_test_hash(suite: str, scale: str, scenario: str, seed: int, n_episodes: int | None,
+                        data_root: str | None = None) -> str:
+    """The hash of the frozen test episodes of (suite, scale, scenario, seed), recomputed here."""
+    from .datasets import load_dataset
+    from .runner import scenario_episodes
+    from .scenarios import get_suite
+
+    sc = get_suite(suite, scale).scenario(scenario)
+    ds = load_dataset(sc.dataset, seed=sc.dataset_seed, data_root=data_root, scale=scale)
+    test, _ = scenario_episodes(sc, ds, seed, n_episodes)
+    return test.hash
+
+
+def episode_problems(d: dict, data_root: str | None = None) -> list[str]:
+    """The record's test-episode hash must be the canonical one of its (suite, scale, scenario, seed)."""
+    try:
+        n = ((d.get("config") or {}).get("options") or {}).get("episodes")
+        want = canonical_test_hash(d["suite"], d["scale"], d["scenario"], int(d["seed"]), n, data_root)
+    except Exception as exc:  # unknown suite, missing dataset, ...
+        return [f"cannot recompute its test episodes: {type(exc).__name__}: {exc}"]
+    got = (d.get("hashes") or {}).get("test_episodes")
+    if got != want:
+        return [f"its test-episode hash {str(got)[:12]}... is not the canonical {want[:12]}... of "
+                f"({d['suite']}, {d['scale']}, {d['scenario']}, seed {d['seed']}): evaluated on other episodes"]
+    return []
 
 
 def validate_record_dict(d: Any) -> ResultRecord:

@@ -3,7 +3,11 @@
 
 from __future__ import annotations
 
+import importlib
 import os
+import shutil
+import sys
+import tempfile
 
 import pytest
 import torch
@@ -78,3 +82,29 @@ def _isolated_home(tmp_path_factory):
 @pytest.fixture
 def toy_dataset() -> ImageDataset:
     return make_toy_dataset()
+
+
+@pytest.fixture(scope="session")
+def hostile_site():
+    """A world-readable 'site-packages' declaring the methods of ``hostile_plugins`` under the
+    ``dfml_bench.methods`` entry-point group (as an installed third-party package would). World-readable
+    because the fit process runs as an unprivileged user when the tests run as root."""
+    from hostile_plugins import ENTRY_POINTS
+
+    site = tempfile.mkdtemp(prefix="dfml-hostile-site-")
+    os.chmod(site, 0o755)
+    info = os.path.join(site, "hostile_plugins-6.6.6.dist-info")
+    os.mkdir(info)
+    with open(os.path.join(info, "METADATA"), "w") as fh:
+        fh.write("Metadata-Version: 2.1\nName: hostile-plugins\nVersion: 6.6.6\n")
+    with open(os.path.join(info, "entry_points.txt"), "w") as fh:
+        fh.write("[dfml_bench.methods]\n" + "".join(f"{k} = {v}\n" for k, v in ENTRY_POINTS.items()))
+    for root, dirs, files in os.walk(site):
+        for n in dirs + files:
+            os.chmod(os.path.join(root, n), 0o755)
+    sys.path.insert(0, site)
+    importlib.invalidate_caches()
+    yield site
+    sys.path.remove(site)
+    importlib.invalidate_caches()
+    shutil.rmtree(site, ignore_errors=True)

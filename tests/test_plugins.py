@@ -52,17 +52,28 @@ def _dist(site: Path, name: str, version: str, entry_points: str) -> None:
 
 @pytest.fixture
 def site(tmp_path, monkeypatch):
-    """A temporary 'site-packages' with two plugin packages: a working one and a broken one."""
-    site = tmp_path / "site"
+    """A temporary 'site-packages' with two plugin packages: a working one and a broken one. World-readable
+    (outside pytest's private tmp folder): the fit process imports the plugin as an unprivileged user
+    when the tests run as root."""
+    import os
+    import shutil
+    import tempfile
+
+    site = Path(tempfile.mkdtemp(prefix="dfml-plugin-site-"))
+    os.chmod(site, 0o755)
     (site / "toyplug").mkdir(parents=True)
     (site / "toyplug" / "__init__.py").write_text(PLUGIN)
     _dist(site, "toyplug", "0.3.1", "[dfml_bench.methods]\nfirst_model = toyplug:FirstModel\n")
     _dist(site, "brokenplug", "0.0.1", "[dfml_bench.methods]\nbroken = brokenplug_missing.module:Nope\n")
+    for root, dirs, files in os.walk(site):
+        for n in dirs + files:
+            os.chmod(os.path.join(root, n), 0o755)
     monkeypatch.syspath_prepend(str(site))
     importlib.invalidate_caches()
     yield site
     sys.modules.pop("toyplug", None)
     importlib.invalidate_caches()
+    shutil.rmtree(site, ignore_errors=True)
 
 
 def test_list_shows_plugin_package_version_and_broken_plugin(site):

@@ -58,30 +58,32 @@ def test_rerun_resumes_and_retries_failed(first_run, tmp_path):
 
 
 def test_interrupted_run_leaves_no_partial_record(tmp_path, monkeypatch):
-    import baselines.simple as simple
+    """Ctrl-C while the fit process runs: no record, and the fit process is gone."""
+    import dfml_bench.isolation as iso
 
-    def boom(self, ctx):
+    started = []
+    real_wait = iso.FitProcess.wait
+
+    def interrupted(self, timeout, quiet=False):
+        started.append(self.proc)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(simple.RandomInit, "fit", boom)
+    monkeypatch.setattr(iso.FitProcess, "wait", interrupted)
     suite = toy_suite()
     with pytest.raises(KeyboardInterrupt):
         run_one(suite, suite.scenarios[0], "random", 0, RunOptions(out=tmp_path, progress=False))
+    monkeypatch.setattr(iso.FitProcess, "wait", real_wait)
     assert list(tmp_path.rglob("*.json")) == [] and list(tmp_path.rglob("*.tmp")) == []
+    assert started and started[0].poll() is not None  # the fit process was killed and reaped
 
 
-def test_failing_method_is_recorded_and_suite_goes_on(tmp_path, monkeypatch):
-    import baselines.simple as simple
-
-    def broken(self, ctx):
-        raise RuntimeError("deliberate failure")
-
-    monkeypatch.setattr(simple.RandomInit, "fit", broken)
-    recs = run_suite(toy_suite(), methods=["random", "average"], opts=RunOptions(out=tmp_path, progress=False))
+def test_failing_method_is_recorded_and_suite_goes_on(tmp_path, hostile_site):
+    recs = run_suite(toy_suite(), methods=["h_raise", "average"], opts=RunOptions(out=tmp_path, progress=False))
     status = {(r.key.scenario, r.key.method): r.status for r in recs}
-    assert status[("wb", "random")] == "failed" and status[("wb", "average")] == "ok"
-    failed = read_record(RunKey("toy", "cpu", "wb", "random", 0).path(tmp_path))
-    assert "deliberate failure" in failed.error
+    assert status[("wb", "h_raise")] == "failed" and status[("wb", "average")] == "ok"
+    failed = read_record(RunKey("toy", "cpu", "wb", "h_raise", 0).path(tmp_path))
+    assert "deliberate failure" in failed.error and "RuntimeError" in failed.error
+    assert "deliberate failure" in failed.extra["traceback"]  # the fit process's own traceback
 
 
 def test_cli_unknown_suite_lists_valid_names():
