@@ -207,12 +207,26 @@ def make_scratch(user: FitUser | None) -> Path:
     os.chmod(outer, 0o711)
     d = outer / "w"
     d.mkdir(mode=0o700)
-    for sub in ("home", "tmp", "artifacts"):
+    for sub in ("home", "tmp", "artifacts", "plugins"):
         (d / sub).mkdir()
+    _copy_file_plugins(d / "plugins")
     if user is not None:
         for p in (d, d / "home", d / "tmp", d / "artifacts"):
             os.chown(p, user.uid, user.gid)
     return d
+
+
+def _copy_file_plugins(dest: Path) -> None:
+    """Copy each ``--plugin file.py`` imported in this process into ``dest`` under the module name it was
+    registered with, so that the fit process (which may be another user, unable to read the original
+    folder) imports the same code by its entry ``module:attr``. The copies are read-only to it."""
+    from .jobs import FILE_PLUGINS
+
+    for name, src in FILE_PLUGINS.items():
+        target = dest / f"{name}.py"
+        shutil.copyfile(src, target)
+        os.chmod(target, 0o444)
+    os.chmod(dest, 0o755)
 
 
 def remove_scratch(scratch: Path) -> None:
@@ -425,7 +439,7 @@ def sandbox_plan(protect: list[str]) -> dict:
 
 
 def _child_env(scratch: Path, threads: int) -> dict:
-    path = [p for p in sys.path if p and os.path.isdir(p)]
+    path = [str(scratch / "plugins")] + [p for p in sys.path if p and os.path.isdir(p)]
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": os.environ.get("LANG", "C.UTF-8"),
         "HOME": str(scratch / "home"), "TMPDIR": str(scratch / "tmp"), "DFML_BENCH_HOME": str(scratch / "home"),

@@ -451,6 +451,9 @@ def local_plugins() -> tuple[str, ...]:
     return tuple(found)
 
 
+FILE_PLUGINS: dict[str, str] = {}  # module name given to a ``.py`` plugin -> its file (see isolation.make_scratch)
+
+
 def import_plugins(plugins: tuple[str, ...] | list[str]) -> None:
     """Import each plugin (``pkg.mod`` or a ``.py`` path) once per process, so that its
     ``register()`` calls run here too. An import error says which plugin failed."""
@@ -466,6 +469,7 @@ def import_plugins(plugins: tuple[str, ...] | list[str]) -> None:
                     raise ImportError(f"not a Python file: {path}")
                 mod = importlib.util.module_from_spec(spec)
                 sys.modules[name] = mod
+                FILE_PLUGINS[name] = path  # fit processes import it under this name from a copy
                 sys.path.insert(0, str(Path(path).parent))  # so the plugin's own sibling imports work
                 spec.loader.exec_module(mod)
             elif p not in sys.modules:

@@ -10,8 +10,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -120,12 +122,12 @@ from dfml_bench.methods import Method
 from dfml_bench.registry import register
 
 class Counting(Method):
-    """Appends one line per fit to $DFML_TEST_COUNT, then takes a while: shows a job run twice."""
+    """Appends one line per fit to COUNT_FILE, then takes a while: shows a job run twice."""
     name = "counting"
     access = frozenset({"whitebox"})
 
     def fit(self, context):
-        with open(os.environ["DFML_TEST_COUNT"], "a") as f:
+        with open(COUNT_FILE, "a") as f:
             f.write(f"{context.scenario_name} {context.seed} {os.getpid()}\\n")
         time.sleep(1.0)
         return context.make_backbone()
@@ -135,11 +137,17 @@ register("dfml_bench.methods", "counting", Counting)
 
 
 def test_two_concurrent_runs_into_one_folder_run_each_job_once(tmp_path):
+    # the fit runs isolated (a clean environment; as root, another user who cannot read tmp_path): the
+    # count goes to a world-writable folder named in the plugin's own text
+    shared = Path(tempfile.mkdtemp(prefix="dfml-count-"))
+    shared.chmod(0o777)
+    count = shared / "count.txt"
+    count.touch()
+    count.chmod(0o666)  # the two runs' fit users may differ
     plugin = tmp_path / "counting.py"
-    plugin.write_text(COUNTING)
-    count = tmp_path / "count.txt"
+    plugin.write_text(f"COUNT_FILE = {str(count)!r}\n" + COUNTING)
     out = tmp_path / "out"
-    env = {**os.environ, "DFML_TEST_COUNT": str(count), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "dfml_bench.cli", "run", "--suite", "toy", "--methods", "counting", "--seeds", "0,1,2,3",
            "--episodes", "3", "--out", str(out), "--quiet", "--plugin", str(TESTS / "conftest.py"), "--plugin", str(plugin)]
     procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
@@ -150,6 +158,7 @@ def test_two_concurrent_runs_into_one_folder_run_each_job_once(tmp_path):
     recs = [read_record(p) for p in iter_records(out)]
     assert sorted((r.key.scenario, r.key.seed, r.status) for r in recs) == sorted(
         [("wb", s, "ok") for s in range(4)] + [("bb", s, "skipped") for s in range(4)])
+    shutil.rmtree(shared, ignore_errors=True)
 
 
 def test_fixed_threads_sets_torch_and_children_then_restores():

@@ -156,3 +156,12 @@ def test_deep_inversion_recovers_images_the_teacher_labels_as_targets():
     # with BN-statistics matching the weak toy teachers trade agreement for statistics, but the loss still falls
     bn = deep_inversion(teacher, 5, 4, image_shape=ds.image_shape, generator=make_generator(0), iterations=40, w_bn=1.0)
     assert bn.history[-1] < 0.7 * bn.history[0]
+
+
+@pytest.mark.parametrize("suite", ["whitebox-homo", "whitebox-hetero", "whitebox-multidomain"])
+def test_whitebox_cpu_suites_run_the_fields_methods_beside_the_controls(suite):
+    from dfml_bench.scenarios import get_suite
+
+    methods = get_suite(suite, "cpu").methods
+    for m in ("random", "placebo", "oracle", "free", "purer", "tgr"):
+        assert m in methods, (suite, methods)

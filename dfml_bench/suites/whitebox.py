@@ -24,7 +24,8 @@ from . import common
 
 CONV4 = common.CONV4
 EPISODES_1SHOT = EpisodeSpec(ways=5, shots=1, queries=15, n_episodes=600)
-CPU_METHODS = ["random", "average", "placebo", "oracle", "free"]
+# the field's white-box methods (FREE, PURER, TGR) beside the controls, on every white-box suite
+CPU_METHODS = ["random", "average", "placebo", "oracle", "free", "purer", "tgr"]
 # CPU zoo recipe for every architecture: a few Adam epochs on the model's 5 glyph classes.
 CPU_RECIPE = getattr(common, "CPU_CONV4", TrainRecipe(epochs=12, optimizer="adam", lr=0.005, batch_size=50))
 # CPU-scale ResNets are narrow (width 16: stages 16-32-64-128) so that a zoo trains in minutes on 2 cores.
@@ -64,7 +65,7 @@ def _hetero(scale: str) -> Suite:
     return Suite(name="whitebox-hetero", scale=scale,
                  scenarios=[Scenario(name=name, dataset=ds, zoo=zoo, access="whitebox", episodes=EPISODES_1SHOT, description=desc,
                                      method_params=common.CPU_ORACLE if scale == "cpu" else {})],
-                 methods=["random", "placebo", "oracle", "free"], seeds=[0], leaderboard_seeds=[0, 1, 2],
+                 methods=["random", "placebo", "oracle", "free", "purer", "tgr"], seeds=[0], leaderboard_seeds=[0, 1, 2],
                  description="White-box DFML with a multi-architecture zoo (average is not defined across architectures).")
 
 
