@@ -76,6 +76,11 @@ def real_bank(ds, teacher, per_class: int, g: torch.Generator) -> torch.Tensor:
     return ds.as_float(order)
 
 
+def bank_settings(teacher, args) -> dict:
+    """What an inversion bank depends on besides its seed: the model file and the inversion settings."""
+    return {"steps": args.inv_steps, "w_bn": args.inv_bn, "w_tv": args.inv_tv, "sha256": args.model_sha.get(teacher.index)}
+
+
 def cached(folder: str | None, teacher, args) -> torch.Tensor | None:
     """A teacher's inversion bank from ``folder/inversion-<index>.pt`` if one was saved for this very model
     file (its sha256) with the same inversion settings, else None."""
@@ -85,8 +90,7 @@ def cached(folder: str | None, teacher, args) -> torch.Tensor | None:
     if not path.exists():
         return None
     obj = torch.load(path, weights_only=True)
-    ok = (obj.get("steps") == args.inv_steps and obj.get("w_bn", 1.0) == args.inv_bn and obj.get("w_tv", 1.0) == args.inv_tv and obj.get("sha256") == args.model_sha.get(teacher.index)
-          and len(obj["images"]) == 5 * args.per_class)
+    ok = all(obj.get(k) == v for k, v in bank_settings(teacher, args).items()) and len(obj["images"]) == 5 * args.per_class
     return obj["images"] if ok else None
 
 
@@ -96,20 +100,19 @@ def make_banks(source: str, ctx, ds, teachers, per_class: int, args) -> tuple[Ta
     ways = ctx.episode_spec.ways
     mem = TaskMemory(max_batches_per_class=10_000)
     y = torch.arange(ways).repeat(per_class)
-    agree, grid, t0 = [], [], time.perf_counter()
+    agree, grid, t0 = [], None, time.perf_counter()
     for t in teachers:
         g = make_generator(derive_seed("proxy-study-bank", source, args.seed, t.index))
         if source == "real":
             x = real_bank(ds, t, per_class, g)
-        elif source == "inversion" and cached(args.bank_cache, t, args) is not None:
-            x = cached(args.bank_cache, t, args)
         elif source == "inversion":
-            x = deep_inversion(t.model, ways, per_class, image_shape=ds.image_shape, generator=g, iterations=args.inv_steps,
-                               lr=args.inv_lr, w_bn=args.inv_bn, w_tv=args.inv_tv).images
-            if args.bank_cache:  # saved for this model file and these settings, so a re-run skips the inversion
-                Path(args.bank_cache).mkdir(parents=True, exist_ok=True)
-                torch.save({"images": x, "steps": args.inv_steps, "w_bn": args.inv_bn, "w_tv": args.inv_tv,
-                            "sha256": args.model_sha.get(t.index)}, Path(args.bank_cache) / f"inversion-{t.index}.pt")
+            x = cached(args.bank_cache, t, args)
+            if x is None:
+                x = deep_inversion(t.model, ways, per_class, image_shape=ds.image_shape, generator=g, iterations=args.inv_steps,
+                                   lr=args.inv_lr, w_bn=args.inv_bn, w_tv=args.inv_tv).images
+                if args.bank_cache:  # saved with what it depends on, so a re-run skips the inversion
+                    Path(args.bank_cache).mkdir(parents=True, exist_ok=True)
+                    torch.save({"images": x, **bank_settings(t, args)}, Path(args.bank_cache) / f"inversion-{t.index}.pt")
         elif source == "placebo":
             x, _ = placebo_images(ways, per_class, image_shape=ds.image_shape, nz=args.nz, ngf=args.ngf, latent_spread=0.5, generator=g)
         else:
@@ -118,12 +121,12 @@ def make_banks(source: str, ctx, ds, teachers, per_class: int, args) -> tuple[Ta
             agree.append(float((t.model(x).argmax(1) == y).float().mean()))
         # placebo images are stored under the teacher's classes too, so that the task structure is the same
         mem.add(x, y, t.classes, source=t.index)
-        if len(grid) < 4:  # a few teachers' banks, one row of per_class images per class, to look at
-            grid.extend(x.view(per_class, ways, *x.shape[1:]).transpose(0, 1)[:, :8])
-    if args.out:
+        if grid is None:  # the first teacher's bank, to look at: a row of up to 8 images per class
+            grid = x.view(per_class, ways, *x.shape[1:]).transpose(0, 1)[:, :8]
+    if args.out and grid is not None:
         from baselines.memory import save_image_grid
 
-        save_image_grid((torch.stack(grid[:8]).clamp(0, 1) * 255).to(torch.uint8), f"{args.out}-{source}.png",
+        save_image_grid((grid.clamp(0, 1) * 255).to(torch.uint8), f"{args.out}-{source}.png",
                         title=f"{source}: one teacher's 5 classes (rows), 8 images each")
     return mem, {"bank_seconds": round(time.perf_counter() - t0, 1), "teacher_agreement": round(sum(agree) / len(agree), 3)}
 

@@ -151,14 +151,17 @@ def test_two_concurrent_runs_into_one_folder_run_each_job_once(tmp_path):
     cmd = [sys.executable, "-m", "dfml_bench.cli", "run", "--suite", "toy", "--methods", "counting", "--seeds", "0,1,2,3",
            "--episodes", "3", "--out", str(out), "--quiet", "--plugin", str(TESTS / "conftest.py"), "--plugin", str(plugin)]
     procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    try:
+        outputs = [p.communicate(timeout=300)[0] for p in procs]
+        fit_lines = count.read_text().splitlines()
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
     assert [p.returncode for p in procs] == [0, 0], outputs
-    fits = [tuple(line.split()[:2]) for line in count.read_text().splitlines()]
+    fits = [tuple(line.split()[:2]) for line in fit_lines]
     assert sorted(fits) == [("wb", str(s)) for s in range(4)], fits  # each (scenario, seed) fitted exactly once
     recs = [read_record(p) for p in iter_records(out)]
     assert sorted((r.key.scenario, r.key.seed, r.status) for r in recs) == sorted(
         [("wb", s, "ok") for s in range(4)] + [("bb", s, "skipped") for s in range(4)])
-    shutil.rmtree(shared, ignore_errors=True)
 
 
 def test_fixed_threads_sets_torch_and_children_then_restores():

@@ -65,7 +65,7 @@ def _hetero(scale: str) -> Suite:
     return Suite(name="whitebox-hetero", scale=scale,
                  scenarios=[Scenario(name=name, dataset=ds, zoo=zoo, access="whitebox", episodes=EPISODES_1SHOT, description=desc,
                                      method_params=common.CPU_ORACLE if scale == "cpu" else {})],
-                 methods=["random", "placebo", "oracle", "free", "purer", "tgr"], seeds=[0], leaderboard_seeds=[0, 1, 2],
+                 methods=[m for m in CPU_METHODS if m != "average"], seeds=[0], leaderboard_seeds=[0, 1, 2],
                  description="White-box DFML with a multi-architecture zoo (average is not defined across architectures).")
 
 
