@@ -229,13 +229,13 @@ _SCALE_DEFAULTS = {
                   meta_batch=4, inner_steps=5, kd_inner_steps=10, inner_lr=0.01, outer_lr=1e-3, visit_trigger="plateau",
                   generate_interval=200, visit_every=200, boundary_start=4000, val_every=500, val_episodes=100,
                   min_gen_iterations=20, min_q=10, ngf=64, estimator="sphere", orthogonal=False, label_mu=10.0,
-                  spend_budget=False, max_gen_iterations=200),
+                  spend_budget=False, max_gen_iterations=200, replay_tasks="mixed"),
     # 2 CPU cores, a suite in minutes: small sets, few directions and iterations, visits on a schedule
     "cpu": dict(per_class=5, q=8, mu=0.005, gen_iterations=20, gen_lr=0.01, max_visits=9, meta_iterations=120,
                 meta_batch=4, inner_steps=5, kd_inner_steps=10, inner_lr=0.01, outer_lr=1e-3, visit_trigger="schedule",
                 generate_interval=200, visit_every=None, boundary_start=0, val_every=30, val_episodes=60,
                 min_gen_iterations=5, min_q=2, ngf=32, estimator="sphere", orthogonal=False, label_mu=10.0,
-                  spend_budget=False, max_gen_iterations=200),
+                  spend_budget=False, max_gen_iterations=200, replay_tasks="per-model"),
 }
 
 
@@ -280,6 +280,12 @@ class BiDfMKD(Method):
     - Estimator (``estimator``, ``zo_resolution``, ``orthogonal``): the reference's full-sphere
       directions by default; ``"subspace"`` estimates in a low-resolution grid (``baselines.zo``), the
       setting of the registered query-efficient variant ``bidf-mkd-qe``.
+    - ``replay_tasks``: ``"mixed"`` (the reference's interpolated tasks; ``paper``) or ``"per-model"`` (a
+      replay task uses the recovered sets of one API only; ``cpu``, as FREE's cpu setting). Chosen on
+      meta-val (``benchmarks/search_bidf_mkd.py``, blackbox-homo seed 0, 60 val episodes): with mixed
+      tasks meta-val fell from 0.260 (initialisation) to 0.205 over 120 iterations, with per-model tasks
+      it stayed at 0.255-0.266 (best 0.266 at iteration 30). On the glyphs-fs proxy a mixed task can be
+      solved by telling apart which API's recovery produced an image (docs/proxy-validation.md).
     - ``spend_budget`` (on in the budget-sweep suite): when the budget allows more than the default
       plan, generator iterations per visit grow to use it (up to ``max_gen_iterations``, reference 200);
       off by default, so the other suites keep the plan their records were made with.
@@ -330,6 +336,7 @@ class BiDfMKD(Method):
     visit_every: int | None = None  # schedule: meta-iterations between visits (None: spread evenly)
     generate_interval: int | None = None  # plateau patience (reference 200)
     memory_batches_per_class: int = 20
+    replay_tasks: str | None = None  # "mixed": classes across APIs (reference) | "per-model": one API's sets per task
     # model selection
     val_every: int | None = None
     val_episodes: int | None = None
@@ -357,6 +364,8 @@ class BiDfMKD(Method):
                 hp[k] = v
         if hp["visit_trigger"] not in ("schedule", "plateau"):
             raise MethodError(f"visit_trigger must be 'schedule' or 'plateau', got {hp['visit_trigger']!r}")
+        if hp["replay_tasks"] not in ("mixed", "per-model"):
+            raise MethodError(f"replay_tasks must be 'mixed' or 'per-model', got {hp['replay_tasks']!r}")
         if hp["estimator"] not in DIRECTIONS:
             raise MethodError(f"estimator must be one of {DIRECTIONS}, got {hp['estimator']!r}")
         for k in ("q", "per_class", "gen_iterations", "meta_iterations", "max_visits"):
@@ -588,8 +597,10 @@ class BiDfMKD(Method):
         return kd(out, tQ), acc
 
     def _replay_task_loss(self, model, params_fn, memory, spec, hp, g, device):
-        """A CE-MAML task over the memory (classes of any APIs: "interpolated" tasks, spec 2.7)."""
-        sx, sy, qx, qy = memory.sample_task(spec.ways, spec.shots, spec.queries, g, device)
+        """A CE-MAML task over the memory (classes of any APIs: "interpolated" tasks, spec 2.7; or, with
+        ``replay_tasks="per-model"``, the classes of one API's recovered sets)."""
+        sx, sy, qx, qy = memory.sample_task(spec.ways, spec.shots, spec.queries, g, device,
+                                            per_source=hp["replay_tasks"] == "per-model")
         params, buffers = params_fn()
         fast = inner_adapt(model, params, buffers, sx, sy, steps=hp["inner_steps"], lr=hp["inner_lr"],
                            create_graph=not self.first_order)

@@ -134,3 +134,27 @@ def test_every_component_can_be_switched_off(tmp_path, flag):
         assert rec.extra["queries"]["support"] == 0 and rec.extra["queries"]["query"] == 0
     if flag == "use_boundary":
         assert not any(v["boundary"] for v in rec.extra["visits"])
+
+
+@pytest.mark.parametrize("mode", ["mixed", "per-model"])
+def test_replay_tasks_switch_draws_tasks_from_one_api_only_when_per_model(tmp_path, monkeypatch, mode):
+    from baselines.memory import TaskMemory
+
+    calls, original = [], TaskMemory.sample_task
+
+    def spy(self, ways, shots, queries, generator, device="cpu", *, per_source=False):
+        calls.append(per_source)  # what per_source guarantees is tested in test_free.py
+        return original(self, ways, shots, queries, generator, device, per_source=per_source)
+
+    monkeypatch.setattr(TaskMemory, "sample_task", spy)
+    suite = get_suite("toy")
+    rec = run_one(suite, suite.scenario("bb"), "bidf-mkd", 0,
+                  RunOptions(out=tmp_path, progress=False, isolated_apis=False, isolate=False,  # the spy lives in this process
+                             method_params={"bidf-mkd": {**SMALL, "replay_tasks": mode}}))
+    assert rec.status == "ok", rec.error
+    assert calls and all(c == (mode == "per-model") for c in calls)
+
+
+def test_replay_tasks_rejects_unknown_values():
+    with pytest.raises(MethodError, match="replay_tasks"):
+        BiDfMKD(replay_tasks="per-class")._hp("cpu")

@@ -165,3 +165,15 @@ def test_whitebox_cpu_suites_run_the_fields_methods_beside_the_controls(suite):
     methods = get_suite(suite, "cpu").methods
     for m in ("random", "placebo", "oracle", "free", "purer", "tgr"):
         assert m in methods, (suite, methods)
+
+
+@pytest.mark.parametrize("suite", ["blackbox-homo", "blackbox-hetero", "blackbox-multidomain"])
+def test_blackbox_cpu_suites_run_both_estimators_beside_the_controls(suite):
+    from dfml_bench.methods import get_method
+    from dfml_bench.scenarios import get_suite
+
+    methods = get_suite(suite, "cpu").methods
+    for m in ("random", "placebo", "oracle", "bidf-mkd", "bidf-mkd-qe"):
+        assert m in methods, (suite, methods)
+    # every default method can run black-box (no white-box method slipped onto a black-box list)
+    assert all("blackbox" in get_method(m).access for m in methods if m not in ("random", "oracle")), methods

@@ -26,7 +26,7 @@ CPU_RECIPE = getattr(common, "CPU_CONV4", TrainRecipe(epochs=12, optimizer="adam
 # narrow ResNets at cpu scale (stages 16-32-64-128), as in the white-box suites (same zoo specs -> shared cache)
 CPU_RESNET10, CPU_RESNET18 = common.CPU_RESNET10, common.CPU_RESNET18
 CPU_BUDGET = 100_000
-CPU_METHODS = ["random", "placebo", "bidf-mkd", "oracle"]
+CPU_METHODS = ["random", "placebo", "bidf-mkd", "bidf-mkd-qe", "oracle"]  # bidf-mkd-qe: the query-efficient estimator (issue 15)
 CPU_PARAMS = common.CPU_ORACLE
 PAPER_METHODS = ["random", "bidf-mkd", "oracle"]
 
