@@ -282,7 +282,7 @@ class BiDfMKD(Method):
       setting of the registered query-efficient variant ``bidf-mkd-qe``.
     - ``replay_tasks``: ``"mixed"`` (the reference's interpolated tasks; ``paper``) or ``"per-model"`` (a
       replay task uses the recovered sets of one API only; ``cpu``, as FREE's cpu setting). Chosen on
-      meta-val (``benchmarks/search_bidf_mkd.py``, blackbox-homo seed 0, 60 val episodes): with mixed
+      meta-val (``benchmarks/search_metaval.py``, blackbox-homo seed 0, 60 val episodes): with mixed
       tasks meta-val fell from 0.260 (initialisation) to 0.205 over 120 iterations, with per-model tasks
       it stayed at 0.255-0.266 (best 0.266 at iteration 30). On the glyphs-fs proxy a mixed task can be
       solved by telling apart which API's recovery produced an image (docs/proxy-validation.md).

@@ -1,0 +1,76 @@
+"""Meta-val search for a method's cpu setting: does any candidate lift meta-val above the initialisation?
+Test episodes are never evaluated here; each candidate is fitted as the runner would (same seeds, same
+context; black-box APIs metered, in-process) and reports its meta-val curve, its best checkpoint and how
+often the zoo agrees with the labels of its recovered sets.
+
+    python benchmarks/search_metaval.py --seed 0 --candidates bidf-mkd:per-model,bidf-mkd-qe:per-model
+    python benchmarks/search_metaval.py --suite whitebox-homo --candidates tgr:per-model,tgr:no-distill
+
+A candidate is ``METHOD:NAME`` with NAME one of CANDIDATES (parameters given to the method).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._context import make_context  # noqa: E402
+from dfml_bench.methods import get_method  # noqa: E402
+
+CANDIDATES = {
+    "default": {},
+    "mixed": {"replay_tasks": "mixed"},  # the references' interpolated replay tasks
+    "per-model": {"replay_tasks": "per-model"},  # replay tasks from one model's recovered sets
+    "no-replay": {"use_memory_replay": False},  # bidf-mkd: bi-level KD only
+    "no-distill": {"distill": False},  # tgr: replay only
+}
+KEEP = ("best_iteration", "best_epoch", "best_val_acc", "val_curve", "recovery_agreement_mean", "teacher_acc_on_recovered",
+        "queries_total", "grouping_seconds")
+
+
+def run(candidate: str, suite: str, seed: int) -> dict:
+    method, _, name = candidate.partition(":")
+    params = CANDIDATES[name or "default"]
+    m = get_method(method, params)
+    ctx, *_ = make_context(suite, "cpu", seed, method=method, log=None)
+    t0 = time.perf_counter()
+    m.fit(ctx)
+    rep = getattr(m, "report_", {}) or {}
+    return {"candidate": candidate, "method": method, "params": params, "suite": suite, "seed": seed,
+            "fit_seconds": time.perf_counter() - t0, **{k: rep[k] for k in KEEP if k in rep}}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--suite", default="blackbox-homo")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--candidates", default="bidf-mkd:per-model,bidf-mkd-qe:per-model")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    names = [c for c in args.candidates.split(",") if c]
+    unknown = [c for c in names if (c.partition(":")[2] or "default") not in CANDIDATES]
+    if unknown:
+        ap.error(f"unknown candidates {unknown}; write METHOD:NAME with NAME in {sorted(CANDIDATES)}")
+    rows = []
+    for name in names:
+        rows.append(run(name, args.suite, args.seed))
+        r = rows[-1]
+        best = r.get("best_iteration", r.get("best_epoch"))
+        agree = r.get("recovery_agreement_mean", r.get("teacher_acc_on_recovered"))
+        print(f"{name:>24}: best checkpoint {best}, best val {r['best_val_acc']:.4f}, agreement {agree}, "
+              f"curve {r['val_curve']}, {r['fit_seconds']:.0f} s", flush=True)
+        if args.out:
+            Path(args.out).write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
