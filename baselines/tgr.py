@@ -47,6 +47,11 @@ Deliberate deviations from the reference code:
   with a 40-iteration probe as well (0.16) at a quarter of the cost (4.8 against 17.3 s per model). At
   cpu scale the grouping is not reproducible at either setting, so the cheaper one loses nothing;
   meta-val selection is unchanged (every tgr record's ``extra.val_curve``).
+- ``cpu`` scale replays per-model tasks (``replay_tasks="per-model"``: a replay task uses one model's
+  recovered sets), as FREE's cpu setting; ``paper`` keeps the reference's mixed tasks. Chosen on meta-val
+  (``benchmarks/search_metaval.py --suite whitebox-homo --candidates tgr:per-model``, seed 0, 100 val
+  episodes): with mixed tasks meta-val fell from 0.263 to 0.230 over 15 epochs in every seed, so selection
+  returned the initialisation; with per-model tasks it rose to 0.284 by epoch 5 and 0.286 at epoch 15.
 
 Ablation switches: ``grouping`` (False: a random partition into the same number of groups), ``igr``
 (False: the plain mean gradient of the group's tasks), ``distill`` (no distillation step, replay only),
@@ -77,11 +82,13 @@ from .selection import ValSelector
 PAPER_DEFAULTS: dict[str, Any] = dict(
     epochs=1200, per_class=30, nz=256, ngf=64, gen_lr=1e-3, scratch_iterations=200, probe_rounds=20, probe_iterations=200,
     n_groups=5, episode_batch=16, patience=4, max_replay_batches=None, val_every=20, val_episodes=None, fim_batch=600,
+    replay_tasks="mixed",
 )
 # cpu: a few minutes per seed on 2 cores
 CPU_DEFAULTS: dict[str, Any] = dict(
     epochs=15, per_class=None, nz=64, ngf=16, gen_lr=1e-2, scratch_iterations=40, probe_rounds=1, probe_iterations=10,
     n_groups=5, episode_batch=4, patience=2, max_replay_batches=4, val_every=5, val_episodes=100, fim_batch=8,
+    replay_tasks="per-model",
 )
 
 ParamLoss = Callable[[dict[str, torch.Tensor]], torch.Tensor]
@@ -302,7 +309,7 @@ class TGR(Method):
     outer_lr: float = 1e-3
     # replay
     ring: int = 20
-    replay_tasks: str = "mixed"
+    replay_tasks: str | None = None  # mixed: classes across models (reference, paper) | per-model (cpu default)
     episode_batch: int | None = None
     patience: int | None = None
     max_replay_batches: int | None = None
@@ -326,7 +333,7 @@ class TGR(Method):
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
         for k, allowed in self._CHOICES.items():
-            if getattr(self, k) not in allowed:
+            if getattr(self, k) not in allowed and not (k == "replay_tasks" and self.replay_tasks is None):
                 raise MethodError(f"TGR.{k} must be one of {allowed}, got {getattr(self, k)!r}")
         if self.teachers_per_epoch < 1 or self.eta < 0:
             raise MethodError("TGR needs teachers_per_epoch >= 1 and eta >= 0")
