@@ -9,7 +9,7 @@ from dfml_bench.access import QueryMeter, WhiteBoxModel
 from dfml_bench.datasets import load_dataset
 from dfml_bench.evaluation import evaluate
 from dfml_bench.methods import MethodContext, Progress
-from dfml_bench.runner import init_seed, make_apis, make_backbone_factory, scenario_episodes
+from dfml_bench.runner import make_apis, make_backbone_factory, scenario_episodes, scenario_init_seed
 from dfml_bench.scenarios import get_suite
 from dfml_bench.utils import derive_seed, make_generator
 from dfml_bench.zoo import build_zoo
@@ -39,7 +39,7 @@ def make_scenario_context(sc, scale: str = "cpu", seed: int = 0, method: str = "
 
     ctx = MethodContext(
         scenario_name=sc.name, access=sc.access, episode_spec=test_eps.spec, protocol=sc.protocol,
-        make_backbone=make_backbone_factory(sc, ds, init_seed(sc.name, seed), dev),
+        make_backbone=make_backbone_factory(sc, ds, scenario_init_seed(sc, seed), dev),
         val_episodes=val_eps, val_dataset=ds, device=dev, seed=seed,
         generator=make_generator(derive_seed("method-rng", sc.name, method, seed)), progress=Progress(log=log),
         scale=scale, image_shape=ds.image_shape, domains=sorted({e.domain for e in zoo.entries}),

@@ -64,6 +64,11 @@ def init_seed(scenario_name: str, seed: int) -> int:
     return derive_seed("meta-learner-init", scenario_name, seed)
 
 
+def scenario_init_seed(scenario: Scenario, seed: int) -> int:
+    """The initialisation seed of ``scenario``: its ``init_key``'s (variants of one scenario share it), else its own."""
+    return init_seed(scenario.init_key or scenario.name, seed)
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
@@ -160,7 +165,7 @@ def fit_payload(scenario: Scenario, suite: Suite, dataset: ImageDataset, zoo: Zo
     job = {
         "scenario": scenario.name, "access": scenario.access, "scale": suite.scale, "seed": int(seed), "device": str(device),
         "episode_spec": {**asdict(scenario.episodes), "n_episodes": int(n_test)}, "protocol": asdict(scenario.protocol), "backbone": asdict(scenario.backbone),
-        "init_seed": init_seed(scenario.name, seed), "method_seed": derive_seed("method-rng", scenario.name, method_name, seed),
+        "init_seed": scenario_init_seed(scenario, seed), "method_seed": derive_seed("method-rng", scenario.name, method_name, seed),
         "budget": {"total": scenario.budget_total, "per_api": scenario.budget_per_api}, "output_kind": scenario.output_kind,
         "domains": sorted({e.domain for e in zoo.entries}), "infos": [asdict(i) for i in infos], "data": data, "val_episodes": eps,
         "models": [],
@@ -256,7 +261,7 @@ def _run_one(suite: Suite, scenario: Scenario, method_name: str, seed: int, opts
         if after_fit is not None:
             after_fit()  # e.g. start the next job's fit process while this one is evaluated
         # the harness's own backbone (the shared initialisation), loaded with the returned weights only
-        model = make_backbone_factory(scenario, dataset, init_seed(scenario.name, seed), device)()
+        model = make_backbone_factory(scenario, dataset, scenario_init_seed(scenario, seed), device)()
         model.load_state_dict(state)
         stage("evaluate")
         t0 = time.perf_counter()
@@ -356,7 +361,7 @@ class _Fitter:
         sc, device = self.scenario, self.device
         self.meter = QueryMeter(len(zoo.entries), total_budget=sc.budget_total, per_api_budget=sc.budget_per_api)
         infos = _api_infos(zoo, sc)
-        reference = make_backbone_factory(sc, dataset, init_seed(sc.name, seed), device)()
+        reference = make_backbone_factory(sc, dataset, scenario_init_seed(sc, seed), device)()
         if self.proc is None:
             self._test_spec = test_eps.spec
             return self._fit_in_process(dataset, zoo, val_eps, seed, infos, reference)
@@ -410,7 +415,7 @@ class _Fitter:
 
         ctx = MethodContext(
             scenario_name=sc.name, access=sc.access, episode_spec=self._test_spec,
-            protocol=sc.protocol, make_backbone=make_backbone_factory(sc, dataset, init_seed(sc.name, seed), device),
+            protocol=sc.protocol, make_backbone=make_backbone_factory(sc, dataset, scenario_init_seed(sc, seed), device),
             val_episodes=veps, val_dataset=vis, device=device, seed=seed,
             generator=make_generator(derive_seed("method-rng", sc.name, self.method_name, seed)),
             progress=Progress(log=opts.log, bar_factory=_bar_factory(opts.progress)), scale=self.suite.scale,

@@ -47,6 +47,9 @@ class Scenario:
     method_params: dict = field(default_factory=dict, hash=False, compare=False)  # method -> params at this scale
     fit_timeout: float | None = None  # seconds a method's fit may take (None: the scale's default; --fit-timeout overrides)
     description: str = ""
+    # the scenario whose meta-learner initialisation this one shares (None: its own name). Variants of one
+    # scenario (the budget ladder, the output kinds) share it, so their differences are the variant's alone
+    init_key: str | None = None
 
     def __post_init__(self) -> None:
         if self.access not in ("whitebox", "blackbox"):

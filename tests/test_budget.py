@@ -29,12 +29,29 @@ def test_sweep_is_the_blackbox_homo_scenario_at_a_ladder_of_budgets(scale):
         assert budgets[0] <= 30_000 and budgets[-1] >= 1_000_000
     else:
         assert budgets[-1] >= 2 * 6_060_000  # a few reference API visits
-    free = ("name", "description", "budget_total", "budget_per_api", "method_params")
+    free = ("name", "description", "budget_total", "budget_per_api", "method_params", "init_key")
     for s in sweep.scenarios:
         a, b = asdict(s), asdict(base)
         assert {k: v for k, v in a.items() if k not in free} == {k: v for k, v in b.items() if k not in free}
         assert s.method_params["bidf-mkd"]["spend_budget"] and s.method_params["bidf-mkd-qe"]["spend_budget"]
     assert {"random", "bidf-mkd", "bidf-mkd-qe"} <= set(sweep.methods)
+
+
+@pytest.mark.parametrize("suite", ["budget-sweep", "blackbox-outputs"])
+def test_variants_share_the_base_scenarios_initialisation(suite):
+    """Every budget (and output kind) starts from blackbox-homo's meta-learner, so accuracy differences
+    along the ladder are the budget's, not a different random initialisation's."""
+    from dfml_bench.runner import scenario_init_seed
+
+    base = get_suite("blackbox-homo", "cpu").scenarios[0]
+    for seed in (0, 1):
+        seeds = {scenario_init_seed(s, seed) for s in get_suite(suite, "cpu").scenarios}
+        assert seeds == {scenario_init_seed(base, seed)}
+    assert scenario_init_seed(base, 0) != scenario_init_seed(base, 1)
+    # scenarios without an init_key keep their own (records made before the field existed stay valid)
+    other = get_suite("whitebox-homo", "cpu").scenarios[0]
+    from dfml_bench.runner import init_seed
+    assert other.init_key is None and scenario_init_seed(other, 0) == init_seed(other.name, 0)
 
 
 def test_outputs_suite_has_every_output_kind_at_one_budget():

@@ -65,7 +65,7 @@ def sweep_scenarios(base: Scenario, budgets: tuple[int, ...]) -> list[Scenario]:
     """``base`` at each total budget (per-API budget dropped), named ``<base>-q<budget>``."""
     if len(set(budgets)) != len(budgets) or any(b <= 0 for b in budgets):
         raise ValueError(f"budgets must be distinct positive integers, got {budgets}")
-    return [replace(base, name=f"{base.name}-q{budget_label(b)}", budget_total=int(b), budget_per_api=None,
+    return [replace(base, name=f"{base.name}-q{budget_label(b)}", budget_total=int(b), budget_per_api=None, init_key=base.init_key or base.name,
                     method_params=_spend(base.method_params),
                     description=f"{base.description.split(',')[0]}; total budget {b:,} query images (budget sweep)")
             for b in sorted(budgets)]
@@ -79,6 +79,7 @@ def output_scenarios(base: Scenario, budget: int) -> list[Scenario]:
         what = {"logits": "logits", "probs": "probabilities", "topk": f"the top-{k} probabilities and their classes",
                 "label": "hard labels only"}[kind]
         out.append(replace(base, name=f"{base.name}-{tag}", output_kind=kind, topk=k, budget_total=int(budget), budget_per_api=None,
+                           init_key=base.init_key or base.name,
                            method_params=_spend(base.method_params),
                            description=f"black-box APIs answering {what}; {budget:,} query images"))
     return out
