@@ -328,12 +328,12 @@ class TGR(Method):
 
     ablation_switches = ("grouping", "igr", "distill", "replay")
 
-    _CHOICES = {"igr_mode": ("implicit", "explicit"), "kd_mode": ("kl", "reference"), "replay_tasks": ("mixed", "per-model")}
+    _CHOICES = {"igr_mode": ("implicit", "explicit"), "kd_mode": ("kl", "reference"), "replay_tasks": (None, "mixed", "per-model")}  # None: the scale's default
 
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
         for k, allowed in self._CHOICES.items():
-            if getattr(self, k) not in allowed and not (k == "replay_tasks" and self.replay_tasks is None):
+            if getattr(self, k) not in allowed:
                 raise MethodError(f"TGR.{k} must be one of {allowed}, got {getattr(self, k)!r}")
         if self.teachers_per_epoch < 1 or self.eta < 0:
             raise MethodError("TGR needs teachers_per_epoch >= 1 and eta >= 0")

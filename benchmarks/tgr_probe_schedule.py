@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -34,21 +35,22 @@ def offdiag(S: torch.Tensor) -> torch.Tensor:
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Rank correlation of two vectors (no ties expected in similarities)."""
-    ra, rb = a.argsort().argsort().double(), b.argsort().argsort().double()
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
+    """Rank correlation of two vectors."""
+    return float(spearmanr(a.numpy(), b.numpy()).statistic)
+
+
+def labels(groups: list[list[int]], n: int) -> list[int]:
+    """Each model's group index."""
+    out = [0] * n
+    for k, grp in enumerate(groups):
+        for i in grp:
+            out[i] = k
+    return out
 
 
 def pair_agreement(ga: list[list[int]], gb: list[list[int]], n: int) -> float:
     """Rand index of two partitions: the share of model pairs that both put together or both apart."""
-    la, lb = [0] * n, [0] * n
-    for k, grp in enumerate(ga):
-        for i in grp:
-            la[i] = k
-    for k, grp in enumerate(gb):
-        for i in grp:
-            lb[i] = k
+    la, lb = labels(ga, n), labels(gb, n)
     pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
     return sum((la[i] == la[j]) == (lb[i] == lb[j]) for i, j in pairs) / len(pairs)
 

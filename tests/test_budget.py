@@ -41,7 +41,7 @@ def test_sweep_is_the_blackbox_homo_scenario_at_a_ladder_of_budgets(scale):
 def test_variants_share_the_base_scenarios_initialisation(suite):
     """Every budget (and output kind) starts from blackbox-homo's meta-learner, so accuracy differences
     along the ladder are the budget's, not a different random initialisation's."""
-    from dfml_bench.runner import scenario_init_seed
+    from dfml_bench.runner import init_seed, scenario_init_seed
 
     base = get_suite("blackbox-homo", "cpu").scenarios[0]
     for seed in (0, 1):
@@ -50,7 +50,6 @@ def test_variants_share_the_base_scenarios_initialisation(suite):
     assert scenario_init_seed(base, 0) != scenario_init_seed(base, 1)
     # scenarios without an init_key keep their own (records made before the field existed stay valid)
     other = get_suite("whitebox-homo", "cpu").scenarios[0]
-    from dfml_bench.runner import init_seed
     assert other.init_key is None and scenario_init_seed(other, 0) == init_seed(other.name, 0)
 
 

@@ -185,8 +185,6 @@ def test_registered_through_the_entry_point_with_its_ablation_switches():
 
 
 def test_replay_tasks_are_per_model_at_cpu_scale_and_the_references_mixed_tasks_at_paper_scale():
-    from dfml_bench.methods import MethodError
-
     assert TGR().config("cpu")["replay_tasks"] == "per-model"
     assert TGR().config("paper")["replay_tasks"] == "mixed"
     assert TGR(replay_tasks="mixed").config("cpu")["replay_tasks"] == "mixed"
