@@ -96,6 +96,8 @@ def list_cmd(what: str) -> None:
 @click.option("--scale", type=click.Choice(["cpu", "paper"]), default="cpu", show_default=True)
 @click.option("--methods", help="comma-separated methods (default: the suite's)")
 @click.option("--seeds", help="comma-separated seeds (default: the suite's)")
+@click.option("--scenarios", help="comma-separated scenarios of the suite, full names or unique tails such as q300k "
+                                  "(default: all)")
 @click.option("--episodes", type=click.IntRange(min=1), help="number of test episodes (default: the scenario's, 600)")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("results"), show_default=True)
@@ -126,7 +128,7 @@ def list_cmd(what: str) -> None:
               "(default: the scenario's, else 3600 at cpu scale, 72 h at paper scale)")
 @click.option("--fit-memory-gb", type=click.FloatRange(min=0.5), help="memory (address-space) limit of the fit process "
               "on CPU, GB (default 75 % of RAM)")
-def run(suite_name, scale, methods, seeds, episodes, device, out, data_root, quiet, plan_only, launcher, n_jobs, threads,
+def run(suite_name, scale, methods, seeds, scenarios, episodes, device, out, data_root, quiet, plan_only, launcher, n_jobs, threads,
         plugins, slurm_config, partition, time_min, gpus_per_job, cpus_per_job, mem_gb, array_parallelism, cluster,
         no_wait, fit_timeout, fit_memory_gb) -> None:
     """Run a suite: every (scenario, method, seed) without a finished record; then print its table.
@@ -134,7 +136,7 @@ def run(suite_name, scale, methods, seeds, episodes, device, out, data_root, qui
     Every argument is checked before any work starts. Two runs into one --out never run a job twice:
     a job another run is working on is left to it (this run waits for it at the end)."""
     from .inputs import (check_device, check_launcher_options, check_out_dir, check_plugins, parse_methods,
-                         parse_seeds)
+                         parse_seeds, split_list)
     from .jobs import JobContext, format_plan, plan_states, plan_suite
     from .launchers import LocalLauncher, SlurmConfig, SubmititLauncher
     from .paths import home
@@ -151,6 +153,8 @@ def run(suite_name, scale, methods, seeds, episodes, device, out, data_root, qui
     check_launcher_options(launcher, n_jobs, slurm_flags)
     check_plugins(plugins)  # before the suite and methods: a plugin may register them
     suite = get_suite(suite_name, scale)
+    if scenarios is not None:
+        suite = suite.restrict(split_list(scenarios, "--scenarios", "scenario", "q30k,q100k"))
     _validate_methods(method_list or suite.methods)
     local_gpu = launcher == "local" or cluster in ("local", "debug")
     device = check_device(device, available=local_gpu)

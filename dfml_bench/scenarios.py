@@ -13,7 +13,7 @@ returning ``{suite name: factory(scale) -> Suite}``. The built-ins are in :mod:`
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 from .backbones import BackboneSpec
@@ -81,6 +81,28 @@ class Suite:
             if s.name == name:
                 return s
         raise SuiteError(f"suite {self.name!r} has no scenario {name!r}; it has {[s.name for s in self.scenarios]}")
+
+    def restrict(self, names: list[str] | None) -> "Suite":
+        """This suite with only the named scenarios, in the suite's order (all of them for None).
+
+        A name is a scenario's full name or a unique ``-``-separated tail of it (``q300k`` for
+        ``glyphs-fs-conv4-5w1s-q300k``). Nothing else changes: a scenario's episodes, zoo and
+        initialisation depend on the scenario alone, so a restricted run's records are the full run's."""
+        if names is None:
+            return self
+        chosen: list[str] = []
+        for n in names:
+            hits = [s.name for s in self.scenarios if s.name == n] or \
+                   [s.name for s in self.scenarios if s.name.endswith("-" + n)]
+            if len(hits) != 1:
+                why = "matches none" if not hits else f"matches {len(hits)} ({', '.join(hits)})"
+                raise SuiteError(f"--scenarios {n!r} {why} of suite {self.name!r}'s scenarios; name one of "
+                                 f"{', '.join(s.name for s in self.scenarios)} (or a unique tail such as "
+                                 f"{self.scenarios[-1].name.rsplit('-', 1)[-1]!r})")
+            if hits[0] in chosen:
+                raise SuiteError(f"--scenarios names scenario {hits[0]!r} twice; each scenario runs once")
+            chosen.append(hits[0])
+        return replace(self, scenarios=[s for s in self.scenarios if s.name in chosen])
 
 
 SuiteFactory = Callable[[str], Suite]

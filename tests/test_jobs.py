@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -150,6 +151,33 @@ def test_cli_plan_prints_jobs_and_runs_nothing(tmp_path):
     assert sum(1 for line in r.output.splitlines() if line.startswith("run/") and " pending " in line) == 4
     assert "zoo/toy-" in r.output  # the zoo job, done or not depending on the session's cache
     assert not out.exists() or not any(out.rglob("seed-*.json"))
+
+
+def test_cli_plan_restricted_to_scenarios_keeps_their_jobs_only(tmp_path):
+    # the restriction keeps the chosen scenario's jobs (by tail or full name) and leaves the others out
+    out = tmp_path / "res"
+    r = CliRunner().invoke(main, ["run", "--suite", "toy", "--methods", "random", "--seeds", "0", "--scenarios", "bb",
+                                  "--out", str(out), "--plan"])
+    assert r.exit_code == 0, r.output
+    runs = [line.split()[0] for line in r.output.splitlines() if line.startswith("run/")]
+    assert runs == ["run/toy-cpu/bb/random/seed-0"]
+
+
+def test_restrict_names_the_scenarios_when_a_name_matches_none_or_several():
+    suite = get_suite("budget-sweep")
+    assert [s.name for s in suite.restrict(["q1M", "q30k"]).scenarios] == \
+        [s.name for s in suite.scenarios if s.name.endswith(("-q30k", "-q1M"))]  # the suite's order
+    assert suite.restrict(None) is suite
+    only = suite.restrict(["q300k"]).scenarios[0]
+    assert only == suite.scenario(only.name) and only.init_key == suite.scenario(only.name).init_key
+    with pytest.raises(ValueError, match="matches none.*q30k"):
+        suite.restrict(["q2M"])
+    twins = replace(suite, scenarios=[replace(sc, name=f"{p}-q30k") for p, sc in zip("ab", suite.scenarios)])
+    with pytest.raises(ValueError, match=r"matches 2 \(a-q30k, b-q30k\)"):
+        twins.restrict(["q30k"])
+    assert [s.name for s in twins.restrict(["b-q30k"]).scenarios] == ["b-q30k"]  # a full name is never ambiguous
+    with pytest.raises(ValueError, match="twice"):
+        suite.restrict(["q30k", suite.scenarios[0].name])
 
 
 def test_cli_status_needs_a_plan(tmp_path):
