@@ -33,6 +33,8 @@ CANDIDATES = {
     # bidf-mkd: 3x the meta-iterations at the same budget (the same 9 visits, spread 3x further apart):
     # its meta-val peaked at the last of 120 iterations in 5 of 6 black-box seeds
     "long": {"replay_tasks": "per-model", "meta_iterations": 360},
+    # bidf-mkd: no boundary term in recovery (what the label-only plan does, which scored higher)
+    "no-boundary": {"replay_tasks": "per-model", "use_boundary": False},
 }
 KEEP = ("best_iteration", "best_epoch", "best_val_acc", "val_curve", "recovery_agreement_mean", "teacher_acc_on_recovered",
         "queries_total", "grouping_seconds")
