@@ -36,6 +36,11 @@ class Report:
     rule: str = "both"
 
 
+def table_order(table: ScenarioTable) -> tuple:
+    """Scenarios by budget, then name: a budget ladder reads 30k, 100k, 300k, 1M, not alphabetically."""
+    return (table.config.get("budget_total") or 0, table.scenario)
+
+
 def build_report(records: RecordSet, *, alpha: float = 0.05, rule: str = "both", n_boot: int = 10_000,
                  seed: int = 0) -> Report:
     """Statistics of every scenario of every (suite, scale) in ``records.ok``. A scenario whose records
@@ -49,6 +54,7 @@ def build_report(records: RecordSet, *, alpha: float = 0.05, rule: str = "both",
             except EpisodeMismatchError as exc:
                 rep.refused.append(f"{suite}-{scale}/{name}: {exc}")
         if tables:
+            tables.sort(key=table_order)
             rep.tables[(suite, scale)] = tables
             rep.ranks[(suite, scale)] = suite_ranks(tables, alpha)
     return rep

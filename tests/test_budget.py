@@ -106,3 +106,11 @@ def test_leaderboard_has_the_budget_table_and_plot(tmp_path):
     assert "accuracy against the query budget" in page
     assert "(leaderboard-plots/toy-cpu-budget-0.png)" in page
     assert (tmp_path / "leaderboard-plots" / "toy-cpu-budget-0.png").stat().st_size > 1000
+
+
+def test_report_lists_a_budget_ladder_by_budget_not_by_name(tmp_path):
+    # alphabetically q100k < q1M < q30k; the report and the leaderboard read 30k, 100k, 1M
+    for i, (name, budget) in enumerate((("q1M", 1_000_000), ("q30k", 30_000), ("q100k", 100_000))):
+        write_record(tmp_path / "r", make("random", accs(20 + i, 0.3, 40), scenario=name, budget=budget))
+    rep = build_report(load_records(tmp_path / "r"), n_boot=50)
+    assert [t.scenario for t in rep.tables[("toy", "cpu")]] == ["q30k", "q100k", "q1M"]
