@@ -317,6 +317,14 @@ def budget_groups(tables: list[ScenarioTable]) -> list[list[ScenarioTable]]:
     return out
 
 
+def _short_count(n: int) -> str:
+    """30000 -> '30k', 1000000 -> '1M', 6060000 -> '6.06M'."""
+    for div, unit in ((1_000_000, "M"), (1_000, "k")):
+        if n >= div:
+            return f"{n / div:.3g}{unit}"
+    return str(n)
+
+
 def plot_budget(group: list[ScenarioTable], path: str | Path) -> Path:
     """Accuracy (95% CI) against the queries each method used, one line per method across the budgets."""
     plt = _plt()
@@ -335,9 +343,13 @@ def plot_budget(group: list[ScenarioTable], path: str | Path) -> Path:
         xs, ys, es = zip(*sorted(pts))
         ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=m, color=c)
     ax.set_xscale("log")
-    ax.set_xlabel("queries used (images, log scale)")
+    ax.set_xlabel("queries used (images, log scale; ticks at the budgets)")
     ax.set_ylabel("accuracy % (95% CI)")
     budgets = sorted(t.config.get("budget_total") or 0 for t in group)
+    from matplotlib.ticker import NullFormatter
+
+    ax.set_xticks([b for b in budgets if b > 0], [_short_count(b) for b in budgets if b > 0])
+    ax.xaxis.set_minor_formatter(NullFormatter())  # log-axis minor labels (3x10^4, 4x10^4, ...) overlap
     ax.set_title(f"accuracy vs queries used ({len(group)} budgets, {budgets[0]:,} to {budgets[-1]:,} images)", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
