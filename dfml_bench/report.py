@@ -317,14 +317,6 @@ def budget_groups(tables: list[ScenarioTable]) -> list[list[ScenarioTable]]:
     return out
 
 
-def _short_count(n: int) -> str:
-    """30000 -> '30k', 1000000 -> '1M', 6060000 -> '6.06M'."""
-    for div, unit in ((1_000_000, "M"), (1_000, "k")):
-        if n >= div:
-            return f"{n / div:.3g}{unit}"
-    return str(n)
-
-
 def plot_budget(group: list[ScenarioTable], path: str | Path) -> Path:
     """Accuracy (95% CI) against the queries each method used, one line per method across the budgets."""
     plt = _plt()
@@ -348,7 +340,10 @@ def plot_budget(group: list[ScenarioTable], path: str | Path) -> Path:
     budgets = sorted(t.config.get("budget_total") or 0 for t in group)
     from matplotlib.ticker import NullFormatter
 
-    ax.set_xticks([b for b in budgets if b > 0], [_short_count(b) for b in budgets if b > 0])
+    from .suites.budget import budget_label  # the scenario names' labels: 30k, 1M, 6.06M
+
+    ticks = [b for b in budgets if b > 0]
+    ax.set_xticks(ticks, [budget_label(b) for b in ticks])
     ax.xaxis.set_minor_formatter(NullFormatter())  # log-axis minor labels (3x10^4, 4x10^4, ...) overlap
     ax.set_title(f"accuracy vs queries used ({len(group)} budgets, {budgets[0]:,} to {budgets[-1]:,} images)", fontsize=9)
     ax.legend(fontsize=8)
