@@ -3,6 +3,8 @@ or metered in-process APIs for a black-box scenario."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from dfml_bench.access import QueryMeter, WhiteBoxModel
@@ -15,9 +17,16 @@ from dfml_bench.utils import derive_seed, make_generator
 from dfml_bench.zoo import build_zoo
 
 
-def make_context(suite_name: str, scale: str = "cpu", seed: int = 0, method: str = "free", device: str = "cpu", log=print):
-    """(context, dataset, zoo, test episodes, scenario) for the suite's first scenario, as run_one builds them."""
-    return make_scenario_context(get_suite(suite_name, scale).scenarios[0], scale, seed, method, device, log)
+def make_context(suite_name: str, scale: str = "cpu", seed: int = 0, method: str = "free", device: str = "cpu", log=print,
+                 zoo_models: int | None = None):
+    """(context, dataset, zoo, test episodes, scenario) for the suite's first scenario, as run_one builds them.
+    ``zoo_models`` swaps in a zoo of that many models (same recipe and seeds: model i is the same model in
+    every size, so a bigger zoo extends the suite's); the scenario keeps its name, hence its
+    initialisation and its meta-val episodes."""
+    sc = get_suite(suite_name, scale).scenarios[0]
+    if zoo_models is not None:
+        sc = replace(sc, zoo=replace(sc.zoo, n_models=zoo_models))
+    return make_scenario_context(sc, scale, seed, method, device, log)
 
 
 def make_scenario_context(sc, scale: str = "cpu", seed: int = 0, method: str = "free", device: str = "cpu", log=print):

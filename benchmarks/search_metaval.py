@@ -5,6 +5,7 @@ often the zoo agrees with the labels of its recovered sets.
 
     python benchmarks/search_metaval.py --seed 0 --candidates bidf-mkd:per-model,bidf-mkd-qe:per-model
     python benchmarks/search_metaval.py --suite whitebox-homo --candidates tgr:per-model,tgr:no-distill
+    python benchmarks/search_metaval.py --suite whitebox-multidomain --zoo-models 200 --candidates free,purer
 
 A candidate is ``METHOD:NAME`` with NAME one of CANDIDATES (parameters given to the method).
 """
@@ -40,15 +41,16 @@ KEEP = ("best_iteration", "best_epoch", "best_val_acc", "val_curve", "recovery_a
         "queries_total", "grouping_seconds")
 
 
-def run(candidate: str, suite: str, seed: int) -> dict:
+def run(candidate: str, suite: str, seed: int, zoo_models: int | None = None) -> dict:
     method, _, name = candidate.partition(":")
     params = CANDIDATES[name or "default"]
     m = get_method(method, params)
-    ctx, *_ = make_context(suite, "cpu", seed, method=method, log=None)
+    ctx, _, zoo, *_ = make_context(suite, "cpu", seed, method=method, log=None, zoo_models=zoo_models)
     t0 = time.perf_counter()
     m.fit(ctx)
     rep = getattr(m, "report_", {}) or {}
     return {"candidate": candidate, "method": method, "params": params, "suite": suite, "seed": seed,
+            "zoo_models": len(zoo.entries), "zoo_hash": zoo.hash,
             "fit_seconds": time.perf_counter() - t0, **{k: rep[k] for k in KEEP if k in rep}}
 
 
@@ -57,6 +59,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--suite", default="blackbox-homo")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--candidates", default="bidf-mkd:per-model,bidf-mkd-qe:per-model")
+    ap.add_argument("--zoo-models", type=int, default=None,
+                    help="fit on a zoo of this many models instead of the suite's (model i is the same in every size)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -66,7 +70,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         ap.error(f"unknown candidates {unknown}; write METHOD:NAME with NAME in {sorted(CANDIDATES)}")
     rows = []
     for name in names:
-        rows.append(run(name, args.suite, args.seed))
+        rows.append(run(name, args.suite, args.seed, args.zoo_models))
         r = rows[-1]
         best = r.get("best_iteration", r.get("best_epoch"))
         agree = r.get("recovery_agreement_mean", r.get("teacher_acc_on_recovered"))

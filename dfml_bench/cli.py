@@ -518,7 +518,9 @@ def _zoo_specs(suite_name: str, scale: str, scenario: str | None):
 @click.option("--data-root", type=click.Path(path_type=Path))
 @click.option("--threads", type=click.IntRange(min=1), default=PROTOCOL_THREADS, show_default=True,
               help="torch threads (as `run --threads`; a zoo built with another count differs in its last bits)")
-def zoo_build(suite_name, scale, scenario, device, data_root, threads) -> None:
+@click.option("--jobs", "n_jobs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="models trained side by side in worker processes (CPU; the same files as one at a time)")
+def zoo_build(suite_name, scale, scenario, device, data_root, threads, n_jobs) -> None:
     """Build (or repair) the zoos a suite needs, with progress."""
     from .datasets import load_dataset
     from .inputs import check_device
@@ -530,7 +532,7 @@ def zoo_build(suite_name, scale, scenario, device, data_root, threads) -> None:
     with fixed_threads(threads):  # the protocol's thread count, as in a run: the same zoo, bit for bit
         for s in specs:
             ds = load_dataset(s.dataset, seed=s.dataset_seed, data_root=str(data_root) if data_root else None, scale=scale)
-            z = build_zoo(s.zoo, ds, device=device, log=lambda m: click.echo(m, err=True))
+            z = build_zoo(s.zoo, ds, device=device, log=lambda m: click.echo(m, err=True), workers=n_jobs)
             click.echo(_zoo_line(z))
 
 

@@ -83,6 +83,7 @@ class JobContext:
     threads: int = PROTOCOL_THREADS  # torch intra-op threads of every job, whatever the launcher (threads.py)
     fit_timeout: float | None = None  # seconds per fit (issue 13); None: the scenario's / scale's default
     fit_memory_gb: float | None = None  # address-space limit of the fit process (CPU)
+    zoo_workers: int = 1  # processes that train a zoo's models side by side (same bits as one; zoo.build_zoo)
 
 
 @dataclass

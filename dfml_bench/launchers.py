@@ -99,7 +99,7 @@ def _execute_claimed(job: Job, ctx: JobContext, device: str, *, progress: bool, 
             from .zoo import build_zoo
 
             ds = load_dataset(scenario.dataset, seed=scenario.dataset_seed, data_root=ctx.data_root, scale=job.scale)
-            zoo = build_zoo(scenario.zoo, ds, device=resolve_device(device), progress=progress, log=log)
+            zoo = build_zoo(scenario.zoo, ds, device=resolve_device(device), progress=progress, log=log, workers=ctx.zoo_workers)
             state, error, extra = "done", None, {"zoo": str(zoo.path)}
         elif job.kind == "run":
             opts = RunOptions(out=Path(ctx.out), device=device, episodes=ctx.episodes, data_root=ctx.data_root,
@@ -138,6 +138,67 @@ def _todo(plan: Plan, ctx: JobContext, check_zoo: bool = False) -> tuple[list[Jo
         if j.id in needed and states[j.id][0] == "done" and (read_status(ctx.out, j.id) or {}).get("state") != "done":
             write_status(ctx.out, j, "done", note=states[j.id][1])  # found built in the cache
     return zoos + runs, states
+
+
+# ---------------------------------------------------------------------------------------- scheduling
+
+
+def observed_seconds(out: str | Path, job: Job) -> float | None:
+    """Mean ``timing.total_seconds`` of the finished records of ``job``'s (scenario, method) under ``out``,
+    any seed; None when there are none. A hint for ordering jobs, so a damaged file is just skipped."""
+    import json
+
+    times = []
+    for p in job.key.path(out).parent.glob("seed-*.json"):
+        try:
+            t = (json.loads(p.read_text()).get("timing") or {}).get("total_seconds")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(t, (int, float)) and t > 0:
+            times.append(float(t))
+    return sum(times) / len(times) if times else None
+
+
+def estimated_seconds(job: Job, hints: dict[str, float], out: str | Path | None = None) -> float:
+    """How long ``job`` is expected to take: its own earlier seeds' records, else the suite's hint
+    (``scenario/method``, then ``method``), else infinity (an unknown method may be the longest, so it
+    starts early). Zoo jobs come first whatever their cost: every run job waits for one."""
+    if job.kind == "zoo":
+        return float("inf")
+    seen = observed_seconds(out, job) if out is not None else None
+    if seen is not None:
+        return seen
+    return float(hints.get(f"{job.scenario}/{job.method}", hints.get(job.method, float("inf"))))
+
+
+def longest_first(jobs: list[Job], hints: dict[str, float], out: str | Path | None = None) -> list[Job]:
+    """``jobs`` with zoo jobs first, then run jobs by decreasing estimated cost (ties keep plan order).
+
+    A pool of N workers that starts the longest jobs first finishes within max(longest job, total / N)
+    plus a fraction of a job; in the plan's order a long method listed last (tgr, 1/3 of a white-box
+    seed) starts when the others are done and runs alone. Results do not depend on the order: a job's
+    seeds come from its key."""
+    est = {j.id: estimated_seconds(j, hints, out) for j in jobs}
+    return sorted(jobs, key=lambda j: (j.kind != "zoo", -est[j.id]))  # sorted() is stable
+
+
+def suite_hints(plan: Plan) -> dict[str, float]:
+    """The suite's ``job_seconds`` hints, or none when the suite cannot be loaded here."""
+    try:
+        from .scenarios import get_suite
+
+        return dict(get_suite(plan.suite, plan.scale).job_seconds)
+    except Exception:  # noqa: BLE001 - a hint only; the jobs themselves report a missing suite
+        return {}
+
+
+def zoo_workers_for(todo: list[Job], jobs: int) -> int:
+    """Processes per zoo build: the pool's workers shared among the zoos to build, when no run job can
+    start before a zoo is built (a cold run: the other workers would only wait); otherwise 1."""
+    zoos = {j.id for j in todo if j.kind == "zoo"}
+    if not zoos or any(j.kind == "run" and not zoos.intersection(j.deps) for j in todo):
+        return 1
+    return max(1, jobs // len(zoos))
 
 
 # ---------------------------------------------------------------------------------------- local pool
@@ -196,7 +257,8 @@ class LocalLauncher:
         if self.jobs == 1:
             self._serial(plan, todo, ctx)
         else:
-            self._pool(todo, ctx, {j for j, s in states.items() if s[0] == "done"})
+            ctx = replace(ctx, zoo_workers=zoo_workers_for(todo, self.jobs))
+            self._pool(longest_first(todo, suite_hints(plan), ctx.out), ctx, {j for j, s in states.items() if s[0] == "done"})
         return plan_states(ctx.out, plan)
 
     # serial: today's in-process path, with status files

@@ -75,6 +75,10 @@ class Suite:
     seeds: list[int] = field(default_factory=lambda: [0])
     leaderboard_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     description: str = ""
+    # typical seconds of one job, by ``method`` or ``scenario/method`` (the latter wins): a scheduling hint
+    # only (a local pool starts the longest jobs first; records of earlier seeds, when there are any,
+    # replace it). Never part of a record.
+    job_seconds: dict[str, float] = field(default_factory=dict)
 
     def scenario(self, name: str) -> Scenario:
         for s in self.scenarios:

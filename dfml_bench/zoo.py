@@ -14,7 +14,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -337,10 +337,12 @@ def build_zoo(
     root: Path | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    workers: int = 1,
 ) -> Zoo:
     """Build (or complete, or repair) the zoo of ``spec`` and return it. Valid models are reused;
     missing, truncated or tampered ones are (re)trained; training is deterministic, so a rebuilt model
-    is the one that was lost."""
+    is the one that was lost. ``workers`` > 1 trains that many models at once in child processes (CPU
+    only), each with this process's torch thread count, so the files are bit for bit the serial build's."""
     from filelock import FileLock
     from tqdm.auto import tqdm
 
@@ -362,23 +364,72 @@ def build_zoo(
         for i in todo:
             if str(i) in models and log:
                 log(f"zoo model {i}: {problems[i]}; rebuilding it")
-            t0 = time.perf_counter()
-            state, classes, acc, best_epoch = train_one(spec, dataset, i, device)
+        for i, (state, classes, acc, best_epoch), seconds in _train_models(spec, dataset, todo, device, workers):
             bb = spec.backbone_for(i)
             fname = f"model_{i:03d}.pt"
             atomic_torch_save(path / fname, {"state_dict": state, "classes": classes, "arch": bb.arch, "width": bb.width})
             models[str(i)] = asdict(ZooEntry(
                 index=i, arch=bb.arch, width=bb.width, classes=classes, seed=derive_seed("zoo-model", spec.seed, i),
                 heldout_acc=acc, best_epoch=best_epoch, file=fname, sha256=sha256_file(path / fname),
-                train_seconds=time.perf_counter() - t0, domain=dataset.domain_of(classes[0]),
+                train_seconds=seconds, domain=dataset.domain_of(classes[0]),
             ))
             atomic_write_json(path / "manifest.json", manifest)  # after every model: a killed build resumes
             bar.set_postfix_str(f"{bb.arch} held-out {acc:.2f}")
             bar.update(1)
+        manifest["models"] = {str(i): models[str(i)] for i in sorted(int(k) for k in models)}  # index order, however built
         bar.close()
         atomic_write_json(path / "manifest.json", manifest)
     entries = [ZooEntry(**models[str(i)]) for i in range(spec.n_models)]
     return Zoo(spec, path, h, entries, dataset)
+
+
+def _train_models(spec: ZooSpec, dataset: ImageDataset, todo: list[int], device: str | torch.device,
+                  workers: int) -> Iterator[tuple[int, tuple[dict, list[int], float, int], float]]:
+    """Train the models ``todo``; yield ``(index, train_one's result, seconds)`` as each finishes.
+
+    With ``workers`` > 1 (and a CPU device) the models are trained by a pool of spawned processes that
+    receive the dataset once, through shared memory, and use the caller's thread count: a model's bits
+    do not depend on which process trained it. Results arrive in completion order."""
+    if workers < 1:
+        raise ValueError(f"zoo build workers must be >= 1, got {workers}")
+    if workers == 1 or len(todo) < 2 or torch.device(device).type != "cpu":
+        for i in todo:
+            t0 = time.perf_counter()
+            result = train_one(spec, dataset, i, device)
+            yield i, result, time.perf_counter() - t0
+        return
+    import torch.multiprocessing as tmp  # registers the shared-memory reductions of tensors
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    pool = ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=tmp.get_context("spawn"),
+                               initializer=_child_init, initargs=(dataset, torch.get_num_threads()))
+    try:
+        pending = {pool.submit(_child_train, spec, i): i for i in todo}
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                i = pending.pop(fut)
+                result, seconds = fut.result()  # a child's error (or death) is raised here, with its cause
+                yield i, result, seconds
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+_CHILD: dict = {}
+
+
+def _child_init(dataset: ImageDataset, threads: int) -> None:
+    """A zoo-build child: keep the shared dataset and use the parent's thread count (the protocol's)."""
+    from .threads import check_threads
+
+    torch.set_num_threads(check_threads(threads))
+    _CHILD["dataset"] = dataset
+
+
+def _child_train(spec: ZooSpec, i: int) -> tuple[tuple[dict, list[int], float, int], float]:
+    t0 = time.perf_counter()
+    result = train_one(spec, _CHILD["dataset"], i, "cpu")
+    return result, time.perf_counter() - t0
 
 
 def load_zoo(spec: ZooSpec, dataset: ImageDataset, *, root: Path | None = None) -> Zoo | None:

@@ -249,3 +249,46 @@ def test_slurm_submission_zoo_first_then_arrays_afterok(tmp_path, monkeypatch):
     # nothing ran: every job is pending, the run jobs say which Slurm job they are
     assert all(s == "pending" for s, _ in states.values())
     assert "submitted as slurm job 102_0" in states[plan.run_jobs[0].id][1]
+
+
+def test_pool_order_is_zoos_then_longest_jobs_first_from_records_else_hints(tmp_path):
+    """A pool of N workers that starts long jobs first ends near max(longest, total / N); in plan order a
+    long method listed last runs alone at the end. Earlier seeds' records beat the suite's hints, and a
+    method with neither (a new plugin) starts early."""
+    from dfml_bench.jobs import Job
+    from dfml_bench.launchers import estimated_seconds, longest_first, zoo_workers_for
+    from dfml_bench.results import RunKey
+
+    zoo = Job("zoo/z", "zoo", "s", "cpu", "sc")
+    run = {m: Job(f"run/{m}", "run", "s", "cpu", "sc", m, 1, ("zoo/z",)) for m in ("random", "tgr", "free", "mine")}
+    hints = {"random": 10.0, "tgr": 100.0, "free": 50.0}
+    order = longest_first([run["random"], run["tgr"], zoo, run["free"], run["mine"]], hints, tmp_path)
+    assert [j.id for j in order] == ["zoo/z", "run/mine", "run/tgr", "run/free", "run/random"]
+    # a scenario-specific hint wins over the method's
+    assert estimated_seconds(run["free"], {**hints, "sc/free": 500.0}) == 500.0
+    # records of another seed of the same (scenario, method) replace the hint
+    p = RunKey("s", "cpu", "sc", "random", 0).path(tmp_path)
+    p.parent.mkdir(parents=True)
+    p.write_text(json.dumps({"timing": {"total_seconds": 400.0}}))
+    (p.parent / "seed-2.json").write_text("{not json")  # a damaged file is only skipped
+    assert estimated_seconds(run["random"], hints, tmp_path) == 400.0
+    assert [j.id for j in longest_first(list(run.values()), hints, tmp_path)][:3] == ["run/mine", "run/random", "run/tgr"]
+    # zoo build processes: the pool's workers when every run waits for the one zoo, else one
+    assert zoo_workers_for([zoo, run["tgr"], run["free"]], 2) == 2
+    other = Job("run/x", "run", "s", "cpu", "sc2", "random", 0, ("zoo/built",))
+    assert zoo_workers_for([zoo, run["tgr"], other], 2) == 1
+    assert zoo_workers_for([run["tgr"]], 2) == 1
+
+
+def test_builtin_suites_hint_every_default_method():
+    """Every default method of a built-in cpu suite has a job-time hint, and a budget ladder's largest
+    budget is expected to take longest."""
+    from dfml_bench.launchers import estimated_seconds
+    from dfml_bench.jobs import plan_suite as plan
+
+    for name in ("whitebox-homo", "whitebox-hetero", "blackbox-homo", "blackbox-hetero", "budget-sweep", "blackbox-outputs"):
+        suite = get_suite(name, "cpu")
+        assert all(m in suite.job_seconds for m in suite.methods), name
+    sweep = get_suite("budget-sweep", "cpu")
+    est = {j.scenario: estimated_seconds(j, sweep.job_seconds) for j in plan(sweep, ["bidf-mkd"], [0]).run_jobs}
+    assert sorted(est, key=est.get) == [sc.name for sc in sweep.scenarios]  # ascending budget = ascending cost

@@ -56,7 +56,7 @@ def _homo(scale: str) -> Suite:
     else:
         scenarios = _paper_scenarios(("cifar-fs", "mini-imagenet", "cub"), ("conv4",), "conv4", "Conv4")
     return Suite(name="blackbox-homo", scale=scale, scenarios=scenarios,
-                 methods=list(CPU_METHODS if scale == "cpu" else PAPER_METHODS), seeds=[0], leaderboard_seeds=[0, 1, 2],
+                 methods=list(CPU_METHODS if scale == "cpu" else PAPER_METHODS), seeds=[0], leaderboard_seeds=[0, 1, 2], job_seconds=dict(common.JOB_SECONDS),
                  description="Black-box DFML from same-architecture APIs on one dataset (BiDf-MKD API-SS).")
 
 
@@ -71,7 +71,7 @@ def _hetero(scale: str) -> Suite:
         scenarios = _paper_scenarios(("cifar-fs", "mini-imagenet", "cub"), ("conv4", "resnet10", "resnet18"), "mixarch",
                                      "Conv4/ResNet-10/ResNet-18")
     return Suite(name="blackbox-hetero", scale=scale, scenarios=scenarios,
-                 methods=list(CPU_METHODS if scale == "cpu" else PAPER_METHODS), seeds=[0], leaderboard_seeds=[0, 1, 2],
+                 methods=list(CPU_METHODS if scale == "cpu" else PAPER_METHODS), seeds=[0], leaderboard_seeds=[0, 1, 2], job_seconds=dict(common.JOB_SECONDS),
                  description="Black-box DFML from APIs of mixed architectures on one dataset (BiDf-MKD API-SH).")
 
 
@@ -90,7 +90,7 @@ def _multidomain(scale: str) -> Suite:
                          f"black-box logits APIs, {zoo.n_models} models over CIFAR-FS + miniImageNet + CUB, 3 architectures, "
                          f"5-way {s}-shot, reported per domain (API-MH)", {}) for s in (1, 5)]
     return Suite(name="blackbox-multidomain", scale=scale, scenarios=scenarios,
-                 methods=list(CPU_METHODS if scale == "cpu" else PAPER_METHODS), seeds=[0], leaderboard_seeds=[0, 1, 2],
+                 methods=list(CPU_METHODS if scale == "cpu" else PAPER_METHODS), seeds=[0], leaderboard_seeds=[0, 1, 2], job_seconds=dict(common.JOB_SECONDS),
                  description="Black-box DFML from APIs over several domains and architectures (BiDf-MKD API-MH), per domain.")
 
 

@@ -96,3 +96,10 @@ def require_dataset(suite: str, dataset: str, scale: str) -> None:
 # the oracle (MAML on real meta-train data, not data-free) is an upper reference; shortened at cpu scale so
 # a suite with its default methods stays within its time budget (same settings in every cpu suite)
 CPU_ORACLE = {"oracle": {"iterations": 100, "val_every": 50, "val_episodes": 60}}
+
+
+# Typical seconds of one job (fit + evaluation) per method, read off the cpu records' timing (whitebox-homo
+# and blackbox-homo seeds): a scheduling hint only, so that a local pool starts the long jobs first
+# (``Suite.job_seconds``, launchers.longest_first). Only the order matters; it holds at paper scale too.
+JOB_SECONDS = {"tgr": 1200.0, "free": 700.0, "bidf-mkd": 450.0, "bidf-mkd-qe": 450.0, "purer": 450.0,
+               "placebo": 180.0, "oracle": 160.0, "random": 60.0, "average": 50.0}

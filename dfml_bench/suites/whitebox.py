@@ -49,7 +49,7 @@ def _homo(scale: str) -> Suite:
                     episodes=EpisodeSpec(ways=5, shots=shots, queries=15, n_episodes=600),
                     description=f"white-box, 100 Conv4 {ds} models, 5-way {shots}-shot (FREE mr.sh)"))
     return Suite(name="whitebox-homo", scale=scale, scenarios=scenarios, methods=list(CPU_METHODS), seeds=[0],
-                 leaderboard_seeds=[0, 1, 2],
+                 leaderboard_seeds=[0, 1, 2], job_seconds=dict(common.JOB_SECONDS),
                  description="White-box DFML with a homogeneous Conv4 zoo (FREE's main results setting).")
 
 
@@ -65,7 +65,7 @@ def _hetero(scale: str) -> Suite:
     return Suite(name="whitebox-hetero", scale=scale,
                  scenarios=[Scenario(name=name, dataset=ds, zoo=zoo, access="whitebox", episodes=EPISODES_1SHOT, description=desc,
                                      method_params=common.CPU_ORACLE if scale == "cpu" else {})],
-                 methods=[m for m in CPU_METHODS if m != "average"], seeds=[0], leaderboard_seeds=[0, 1, 2],
+                 methods=[m for m in CPU_METHODS if m != "average"], seeds=[0], leaderboard_seeds=[0, 1, 2], job_seconds=dict(common.JOB_SECONDS),
                  description="White-box DFML with a multi-architecture zoo (average is not defined across architectures).")
 
 
@@ -82,7 +82,7 @@ def _multidomain(scale: str) -> Suite:
     return Suite(name="whitebox-multidomain", scale=scale,
                  scenarios=[Scenario(name=f"{ds}-conv4-5w1s", dataset=ds, zoo=zoo, access="whitebox", episodes=EPISODES_1SHOT,
                                      description=desc, method_params=common.CPU_ORACLE if scale == "cpu" else {})],
-                 methods=list(CPU_METHODS), seeds=[0], leaderboard_seeds=[0, 1, 2],
+                 methods=list(CPU_METHODS), seeds=[0], leaderboard_seeds=[0, 1, 2], job_seconds=dict(common.JOB_SECONDS),
                  description="White-box DFML with a multi-domain zoo, accuracy per domain.")
 
 
