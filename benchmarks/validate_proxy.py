@@ -21,6 +21,7 @@ A proxy is accepted when ``inversion`` beats ``placebo`` and ``random`` clearly 
 meta-val. ``--out`` writes the curves as JSON and the table as markdown.
 
     python benchmarks/validate_proxy.py --proxy glyphs-fs --out docs/proxy-validation-glyphs-fs
+    python benchmarks/validate_proxy.py --proxy glyphs-fs-natural --teachers 32 --out docs/proxy-validation-glyphs-fs-natural
     python benchmarks/validate_proxy.py --proxy glyphs-811 --teachers 20
 """
 
@@ -54,13 +55,16 @@ EPISODES = EpisodeSpec(ways=5, shots=1, queries=15, n_episodes=600)
 
 
 def candidates() -> dict[str, Scenario]:
-    """The candidate proxies: the CIFAR-FS-shaped ``glyphs-fs`` with its 100-teacher zoo, and the
-    earlier cpu proxy (all 811 meta-train glyph classes, 60 images each, 20 teachers)."""
+    """The candidate proxies: the CIFAR-FS-shaped ``glyphs-fs`` with its 100-teacher zoo, the same with
+    class-conditional colour and texture (``glyphs-fs-natural``, same zoo recipe), and the earlier cpu
+    proxy (all 811 meta-train glyph classes, 60 images each, 20 teachers)."""
     old_zoo = ZooSpec(dataset="glyphs", n_models=20, ways=5, backbones=(common.CONV4,),
                       recipes=(("*", TrainRecipe(epochs=12, optimizer="adam", lr=0.005, batch_size=50)),), seed=0)
     return {
         "glyphs-fs": Scenario(name="glyphs-fs-conv4-5w1s", dataset="glyphs-fs", zoo=common.cpu_proxy_zoo(), access="whitebox",
                               episodes=EPISODES),
+        "glyphs-fs-natural": Scenario(name="glyphs-fs-natural-conv4-5w1s", dataset="glyphs-fs-natural",
+                                      zoo=common.cpu_proxy_zoo(dataset="glyphs-fs-natural"), access="whitebox", episodes=EPISODES),
         "glyphs-811": Scenario(name="glyphs-conv4-5w1s", dataset="glyphs", zoo=old_zoo, access="whitebox", episodes=EPISODES),
     }
 

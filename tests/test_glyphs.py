@@ -257,3 +257,51 @@ def test_save_grid(ds, tmp_path):
     assert px.std() > 10  # not a blank canvas
     with pytest.raises(DatasetError):
         save_grid(ds, tmp_path / "bad.png", per_class=0)
+
+
+def _colour_1nn(ds, episodes: int = 300, seed: int = 0) -> float:
+    """5-way 1-shot accuracy of a 1-NN on images' per-channel colour means and deviations (chance 0.2):
+    how much colour alone says about the class."""
+    g = torch.Generator().manual_seed(seed)
+    x = ds.images.float() / 255
+    feat = torch.cat([x.mean((2, 3)), x.std((2, 3))], 1)
+    hits = []
+    for _ in range(episodes):
+        classes = torch.randperm(len(ds.class_names), generator=g)[:5]
+        support, query = [], []
+        for c in classes:
+            idx = (ds.labels == c).nonzero().squeeze(1)
+            idx = idx[torch.randperm(len(idx), generator=g)]
+            support.append(feat[idx[0]])
+            query.append(feat[idx[1:6]])
+        pred = torch.cdist(torch.cat(query), torch.stack(support)).argmin(1)
+        hits.append((pred == torch.arange(5).repeat_interleave(5)).float().mean())
+    return float(torch.stack(hits).mean())
+
+
+def test_natural_style_gives_each_class_its_own_look():
+    natural = G.GlyphsDataset(images_per_class=8, scripts=SUBSET, style="natural").generate(seed=0)
+    plain = G.GlyphsDataset(images_per_class=8, scripts=SUBSET).generate(seed=0)
+    assert natural.name == "glyphs-natural" and natural.class_names == plain.class_names
+    # colour is a weak class cue in the natural style and a per-image nuisance in the default one
+    assert _colour_1nn(plain) < 0.26 and _colour_1nn(natural) > _colour_1nn(plain) + 0.05
+    again = G.GlyphsDataset(images_per_class=8, scripts=SUBSET, style="natural").generate(seed=0)
+    assert torch.equal(natural.images, again.images)
+    # a class's look comes from its own stream: its images do not depend on which other scripts are built
+    wider = G.GlyphsDataset(images_per_class=8, scripts=SUBSET + ("greek",), style="natural").generate(seed=0)
+    i, j = natural.class_names.index("hebrew:U+05D0"), wider.class_names.index("hebrew:U+05D0")
+    assert torch.equal(natural.images[natural.labels == i], wider.images[wider.labels == j])
+    with pytest.raises(DatasetError, match="class look"):
+        G.sample_instance_params(torch.Generator().manual_seed(0), 2, 1, "natural")
+
+
+def test_glyphs_fs_natural_is_registered_in_cifar_fs_shape():
+    from dfml_bench.registry import load_group
+
+    builder = G.GlyphsFSNatural()
+    assert builder.name == "glyphs-fs-natural" and builder.style == "natural" and builder.images_per_class == 600
+    assert builder.classes_per_split == G.CIFAR_FS_CLASSES
+    entry = load_group("dfml_bench.datasets").get("glyphs-fs-natural")
+    if entry is None:
+        pytest.skip("dfml-bench is not installed, so its entry points are not visible")
+    assert entry.error is None and entry.obj is G.GlyphsFSNatural
