@@ -61,7 +61,7 @@ def candidates() -> dict[str, Scenario]:
     old_zoo = ZooSpec(dataset="glyphs", n_models=20, ways=5, backbones=(common.CONV4,),
                       recipes=(("*", TrainRecipe(epochs=12, optimizer="adam", lr=0.005, batch_size=50)),), seed=0)
     return {
-        "glyphs-fs": Scenario(name="glyphs-fs-conv4-5w1s", dataset="glyphs-fs", zoo=common.cpu_proxy_zoo(), access="whitebox",
+        "glyphs-fs": Scenario(name="glyphs-fs-conv4-5w1s", dataset="glyphs-fs", zoo=common.cpu_proxy_zoo(dataset="glyphs-fs"), access="whitebox",
                               episodes=EPISODES),
         "glyphs-fs-natural": Scenario(name="glyphs-fs-natural-conv4-5w1s", dataset="glyphs-fs-natural",
                                       zoo=common.cpu_proxy_zoo(dataset="glyphs-fs-natural"), access="whitebox", episodes=EPISODES),
@@ -135,10 +135,11 @@ def make_banks(source: str, ctx, ds, teachers, per_class: int, args) -> tuple[Ta
     return mem, {"bank_seconds": round(time.perf_counter() - t0, 1), "teacher_agreement": round(sum(agree) / len(agree), 3)}
 
 
-def train_curve(ctx, mem: TaskMemory, args, seed: int) -> list[tuple[int, float]]:
-    """MAML (second-order, 5 inner steps, Adam 1e-3, meta-batch ``args.batch``) on memory tasks from the
-    shared initialisation; meta-val accuracy every ``args.val_every`` iterations (iteration 0 included)."""
-    model = ctx.make_backbone()
+def train_curve(ctx, init: torch.nn.Module, mem: TaskMemory, args, seed: int) -> list[tuple[int, float]]:
+    """MAML (second-order, 5 inner steps, Adam 1e-3, meta-batch ``args.batch``) on memory tasks from a
+    copy of ``init`` (the scenario's shared initialisation); meta-val accuracy every ``args.val_every``
+    iterations (iteration 0 included)."""
+    model = copy.deepcopy(init)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     g = make_generator(derive_seed("proxy-study-tasks", seed))
     spec = ctx.episode_spec
@@ -191,16 +192,22 @@ def main(argv: list[str] | None = None) -> dict:
                  "args": {k: v for k, v in vars(args).items() if k != "model_sha"}, "levels": {}, "sources": {}}
     print(f"{args.proxy}: {len(teachers)} teachers cover {len(covered)}/{len(ds.splits['train'])} meta-train classes "
           f"({per_class_teachers:.1f} teachers per covered class)", flush=True)
+    # the scenario's shared initialisation is the context's FIRST backbone (every later call draws a new
+    # one), so it is made once here: the random level and every source's curve start from it
+    init = ctx.make_backbone()
     for level in ("random", "average"):
-        m = get_method(level)
-        out["levels"][level] = round(ctx.evaluate_val(m.fit(ctx), args.val_episodes), 4)
+        model = init if level == "random" else get_method(level).fit(ctx)
+        out["levels"][level] = round(ctx.evaluate_val(model, args.val_episodes), 4)
         print(f"{level}: val {out['levels'][level]:.4f}", flush=True)
     for source in [s for s in args.sources.split(",") if s]:
         print(f"{source}: building banks", flush=True)
         mem, facts = make_banks(source, ctx, ds, teachers, args.per_class, args)
         print(f"{source}: {facts}", flush=True)
         t0 = time.perf_counter()
-        curve = train_curve(ctx, mem, args, args.seed)
+        curve = train_curve(ctx, init, mem, args, args.seed)
+        if abs(curve[0][1] - out["levels"]["random"]) > 1e-4:  # the level is rounded to 4 places
+            raise RuntimeError(f"{source}: the curve starts at {curve[0][1]:.4f}, not at the shared initialisation's "
+                               f"{out['levels']['random']:.4f}")
         out["sources"][source] = {**facts, "curve": curve, "best": max(a for _, a in curve), "last": curve[-1][1],
                                   "train_seconds": round(time.perf_counter() - t0, 1)}
     print(json.dumps(out))
