@@ -5,7 +5,7 @@
 - ``blackbox-multidomain`` (API-MH): several domains and architectures, reported per domain.
 
 APIs answer logits (the reference's assumption) and are metered: every image counts against the
-scenario's query budget. ``cpu``: the proxy ``glyphs-fs`` (CIFAR-FS's shape; ``docs/proxy-validation.md``), zoos
+scenario's query budget. ``cpu``: the proxy ``glyphs-fs-natural`` (CIFAR-FS's shape; ``docs/proxy-validation.md``), zoos
 shared with the white-box suites (same specs, so one build serves both), a budget of 100k images (about 9 API visits of BiDf-MKD at its
 cpu settings), 600 frozen 5-way 1-shot test episodes; each suite finishes in minutes on 2 cores with
 its default methods. ``paper``: 100 models per (dataset, architecture), 5-way 1- and 5-shot, no budget
@@ -50,8 +50,8 @@ def _homo(scale: str) -> Suite:
     common.check_scale("blackbox-homo", scale)
     if scale == "cpu":
         zoo = common.cpu_proxy_zoo()
-        scenarios = [_bb("glyphs-fs-conv4-5w1s", zoo.dataset, zoo, CPU_BUDGET, EPISODES_1SHOT,
-                         f"black-box logits APIs, 100 Conv4 glyphs-fs models, {CPU_BUDGET} query images, 5-way 1-shot (API-SS)",
+        scenarios = [_bb(f"{zoo.dataset}-conv4-5w1s", zoo.dataset, zoo, CPU_BUDGET, EPISODES_1SHOT,
+                         f"black-box logits APIs, 100 Conv4 {zoo.dataset} models, {CPU_BUDGET} query images, 5-way 1-shot (API-SS)",
                          CPU_PARAMS)]
     else:
         scenarios = _paper_scenarios(("cifar-fs", "mini-imagenet", "cub"), ("conv4",), "conv4", "Conv4")
@@ -64,8 +64,8 @@ def _hetero(scale: str) -> Suite:
     common.check_scale("blackbox-hetero", scale)
     if scale == "cpu":
         zoo = common.cpu_proxy_zoo((CONV4, CPU_RESNET10, CPU_RESNET18), n_models=common.CPU_PROXY_MIXED_MODELS)
-        scenarios = [_bb("glyphs-fs-mixarch-5w1s", zoo.dataset, zoo, CPU_BUDGET, EPISODES_1SHOT,
-                         f"black-box logits APIs, {zoo.n_models} glyphs-fs models (Conv4, ResNet-10, ResNet-18 width 16 in turn), "
+        scenarios = [_bb(f"{zoo.dataset}-mixarch-5w1s", zoo.dataset, zoo, CPU_BUDGET, EPISODES_1SHOT,
+                         f"black-box logits APIs, {zoo.n_models} {zoo.dataset} models (Conv4, ResNet-10, ResNet-18 width 16 in turn), "
                          f"{CPU_BUDGET} query images, 5-way 1-shot (API-SH)", CPU_PARAMS)]
     else:
         scenarios = _paper_scenarios(("cifar-fs", "mini-imagenet", "cub"), ("conv4", "resnet10", "resnet18"), "mixarch",

@@ -6,8 +6,9 @@
 - ``whitebox-multidomain``: a Conv4 zoo over the multi-domain dataset (FREE ``md.sh``): ``glyphs-multidomain``
   at cpu scale, ``multidomain`` (CIFAR-FS + miniImageNet + CUB) at paper scale; results per domain.
 
-``cpu``: the proxy of the papers' setting (issue 12, ``docs/proxy-validation.md``): ``glyphs-fs``
-(CIFAR-FS's shape: 64 / 16 / 20 classes, 600 images each, 32x32) or its two-domain pool, zoos of 5-way
+``cpu``: the proxy of the papers' setting (issue 12, ``docs/proxy-validation.md``): ``glyphs-fs-natural``
+(CIFAR-FS's shape: 64 / 16 / 20 classes, 600 images each, 32x32, classes with their own colour and
+texture) or the two-domain pool ``glyphs-fs-multidomain`` (not yet moved to class looks), zoos of 5-way
 teachers whose classes recur across teachers as in the papers' pools (100 Conv4; 60 mixed-architecture),
 5-way 1-shot, 600 frozen test episodes, the ``placebo`` control in every default method list.
 ``paper``: the literature's sizes (100 models per architecture / domain, 5-way 1-shot, Conv4-32
@@ -36,9 +37,9 @@ def _homo(scale: str) -> Suite:
     common.check_scale("whitebox-homo", scale)
     if scale == "cpu":
         zoo = common.cpu_proxy_zoo()
-        scenarios = [Scenario(name="glyphs-fs-conv4-5w1s", dataset=zoo.dataset, zoo=zoo, access="whitebox", episodes=EPISODES_1SHOT,
+        scenarios = [Scenario(name=f"{zoo.dataset}-conv4-5w1s", dataset=zoo.dataset, zoo=zoo, access="whitebox", episodes=EPISODES_1SHOT,
                               method_params=common.CPU_ORACLE,
-                              description="white-box, 100 Conv4 glyphs-fs models (5 of 64 classes each), 5-way 1-shot")]
+                              description=f"white-box, 100 Conv4 {zoo.dataset} models (5 of 64 classes each), 5-way 1-shot")]
     else:
         scenarios = []
         for ds in ("cifar-fs", "mini-imagenet", "cub"):
@@ -57,8 +58,8 @@ def _hetero(scale: str) -> Suite:
     common.check_scale("whitebox-hetero", scale)
     if scale == "cpu":
         zoo = common.cpu_proxy_zoo((CONV4, CPU_RESNET10, CPU_RESNET18), n_models=common.CPU_PROXY_MIXED_MODELS)
-        name, ds = "glyphs-fs-mixarch-5w1s", zoo.dataset
-        desc = f"white-box, {zoo.n_models} glyphs-fs models: Conv4, ResNet-10, ResNet-18 (width 16) in turn"
+        name, ds = f"{zoo.dataset}-mixarch-5w1s", zoo.dataset
+        desc = f"white-box, {zoo.n_models} {zoo.dataset} models: Conv4, ResNet-10, ResNet-18 (width 16) in turn"
     else:
         zoo = common.paper_zoo("cifar-fs", ("conv4", "resnet10", "resnet18"))
         name, ds, desc = "cifar-fs-mixarch-5w1s", "cifar-fs", "white-box, 300 CIFAR-FS models: 100 each of Conv4, ResNet-10, ResNet-18 (FREE ma.sh)"
