@@ -896,7 +896,7 @@ class GlyphsFS(GlyphsDataset):
     per class, as in CIFAR-FS with its 100-model pool (``docs/proxy-validation.md``)."""
 
     name = "glyphs-fs"
-    description = "embedded cpu proxy in CIFAR-FS's shape: 64/16/20 glyph classes (by script), 600 images each, 32x32"
+    description = "embedded, CIFAR-FS's shape: 64/16/20 glyph classes (by script), 600 images each, 32x32 (the cpu proxy before issue 12's study)"
 
     def __init__(self, images_per_class: int = 600, size: int = 32, style: str = "default",
                  classes_per_split: dict[str, int] | None = None, name: str | None = None, batch_images: int = 512) -> None:
@@ -918,7 +918,7 @@ class GlyphsFSNatural(GlyphsFS):
     (``docs/proxy-validation.md``)."""
 
     name = "glyphs-fs-natural"
-    description = "cpu proxy candidate: glyphs-fs with class-conditional colour and texture, 64/16/20 classes, 600 images each"
+    description = "the cpu proxy: glyphs-fs with class-conditional colour and texture, 64/16/20 classes, 600 images each, 32x32"
 
     def __init__(self, images_per_class: int = 600, size: int = 32, batch_images: int = 512) -> None:
         super().__init__(images_per_class=images_per_class, size=size, style="natural", batch_images=batch_images)
