@@ -372,11 +372,12 @@ def sample_class_look(g: torch.Generator) -> dict[str, torch.Tensor]:
     }
 
 
-def _natural_params(g: torch.Generator, n: int, look: dict[str, torch.Tensor], weight: float = LOOK_WEIGHT) -> dict[str, torch.Tensor]:
+def _natural_params(g: torch.Generator, n: int, look: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Per-instance colours and stripes of the ``natural`` style.
 
     Each image draws dark and light colours and a polarity (dark ink on light ground or the reverse) as
-    in the default style, and pulls its colours toward the class's by ``weight``; stripe frequencies
+    in the default style, and pulls its colours toward the class's by :data:`LOOK_WEIGHT` (the value the
+    dataset recipe records); stripe frequencies
     (+-20 %) and orientations (+-15 degrees) jitter around the class's. When a class fixed its colours
     and polarity (+-0.12 jitter) colour alone identified it: a 1-NN on images' colour means and
     deviations scored 89 % on meta-val 5-way 1-shot, the random Conv4 initialisation 68 %, and MAML on
@@ -384,6 +385,7 @@ def _natural_params(g: torch.Generator, n: int, look: dict[str, torch.Tensor], w
     CIFAR-FS). At weight 0.6 with per-image polarity colour is a weak cue, as in natural images (the same
     1-NN: 32 %, 23 % on ``glyphs-fs``), and the glyph's shape stays the main one."""
     swap = torch.rand(n, generator=g) < 0.5
+    weight = LOOK_WEIGHT
 
     def pair(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dark = weight * torch.minimum(a, b) * 0.45 + (1 - weight) * _u(g, (n, 3), 0.0, 0.45)
