@@ -306,3 +306,26 @@ def test_glyphs_fs_natural_is_registered_in_cifar_fs_shape():
     if entry is None:
         pytest.skip("dfml-bench is not installed, so its entry points are not visible")
     assert entry.error is None and entry.obj is G.GlyphsFSNatural
+
+
+def test_natural_outline_style_is_hollow_with_the_class_look():
+    look_style = G.GlyphsDataset(images_per_class=8, scripts=SUBSET, style="natural-outline").generate(seed=0)
+    outline = G.GlyphsDataset(images_per_class=8, scripts=SUBSET, style="outline").generate(seed=0)
+    assert look_style.name == "glyphs-natural-outline" and look_style.class_names == outline.class_names
+    # colour is a class cue here (the class's colours and gradient) and a per-image nuisance in "outline"
+    assert _colour_1nn(look_style) > _colour_1nn(outline) + 0.05
+    again = G.GlyphsDataset(images_per_class=8, scripts=SUBSET, style="natural-outline").generate(seed=0)
+    assert torch.equal(look_style.images, again.images)
+    assert look_style.meta["recipe"]["look_weight"] == G.LOOK_WEIGHT
+    with pytest.raises(DatasetError, match="class look"):
+        G.sample_instance_params(torch.Generator().manual_seed(0), 2, 1, "natural-outline")
+
+
+def test_class_look_keeps_the_natural_style_draws_first():
+    # "grad_angle" (natural-outline only) is drawn last, so the natural style's looks, and with them
+    # glyphs-fs-natural's images and the records on it, did not change when it was added
+    look = G.sample_class_look(torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    first = [torch.rand(3, generator=g) for _ in range(4)]
+    assert all(torch.equal(look[k], v) for k, v in zip(("fg", "bg", "fg2", "bg2"), first))
+    assert list(look)[-1] == "grad_angle"

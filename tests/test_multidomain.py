@@ -133,3 +133,18 @@ def test_glyphs_multidomain_two_styled_disjoint_domains():
     chars = {d: {ds.class_names[c].split("/", 1)[1] for c, dd in ds.domains.items() if dd == d} for d in doms}
     assert not (chars[doms[0]] & chars[doms[1]])  # disjoint script groups: no shared class
     assert load_dataset("glyphs-multidomain").name == "glyphs-multidomain"
+
+
+def test_glyphs_fs_multidomain_natural_is_two_looked_domains_in_cifar_fs_shape():
+    from dfml_bench.datasets.glyphs import CIFAR_FS_CLASSES
+    from dfml_bench.datasets.multidomain import GlyphsFSMultiDomainNatural
+    from dfml_bench.registry import load_group
+
+    builder = GlyphsFSMultiDomainNatural()
+    parts = builder.domain_builders()
+    assert [name for name, _ in parts] == ["glyphs-fs-a-natural", "glyphs-fs-b-natural-outline"]
+    assert all(b.images_per_class == 600 and b.classes_per_split == CIFAR_FS_CLASSES for _, b in parts)
+    entry = load_group("dfml_bench.datasets").get("glyphs-fs-multidomain-natural")
+    if entry is None:
+        pytest.skip("dfml-bench is not installed, so its entry points are not visible")
+    assert entry.error is None and entry.obj is GlyphsFSMultiDomainNatural

@@ -80,7 +80,8 @@ CANONICAL_BOX = 28  # the ink is scaled to fit this box inside the canonical mas
 DUPLICATE_THRESHOLD = 0.2
 GLYPH_BOX = 0.8  # fraction of the image side the glyph's larger side fills before affine jitter
 RENDER_SCALE = 2  # glyph masks and the affine warp are at this multiple of the output size
-STYLES = ("default", "outline", "textured", "natural")
+STYLES = ("default", "outline", "textured", "natural", "natural-outline")
+LOOK_STYLES = ("natural", "natural-outline")  # styles in which every class has its own look (sample_class_look)
 STROKE_PROBS = torch.tensor([0.25, 0.35, 0.3, 0.1])  # erode / none / dilate 1 / dilate 2
 NOISE_BANK = 1024  # "default" style: per-pixel noise fields drawn once per seed, picked per image
 
@@ -369,6 +370,8 @@ def sample_class_look(g: torch.Generator) -> dict[str, torch.Tensor]:
         "fg2": torch.rand(3, generator=g), "bg2": torch.rand(3, generator=g),
         "fg_freq": _u(g, (), 2.0, 8.0), "bg_freq": _u(g, (), 1.0, 5.0),
         "fg_angle": _u(g, (), 0.0, torch.pi), "bg_angle": _u(g, (), 0.0, torch.pi),
+        # drawn last, so the looks of the "natural" style (which does not use it) are unchanged
+        "grad_angle": _u(g, (), 0.0, 2 * torch.pi),
     }
 
 
@@ -438,10 +441,13 @@ def sample_instance_params(g: torch.Generator, n: int, n_fonts: int, style: str,
         p["fg_angle"] = _u(g, n, 0.0, torch.pi)
         p["bg_angle"] = _u(g, n, 0.0, torch.pi)
         p["phase"] = _u(g, (n, 2), 0.0, 2 * torch.pi)
-    elif style == "natural":
+    elif style in LOOK_STYLES:
         if look is None:
-            raise DatasetError("glyphs: the 'natural' style needs the class look (sample_class_look)")
+            raise DatasetError(f"glyphs: the {style!r} style needs the class look (sample_class_look)")
         p.update(_natural_params(g, n, look))
+        if style == "natural-outline":  # hollow glyph on the class's gradient ground (a second natural domain)
+            p["grad_angle"] = look["grad_angle"] + _u(g, n, -0.26, 0.26)
+            p["width"] = torch.randint(1, 3, (n,), generator=g)
     else:  # pragma: no cover - validated by the dataset's constructor
         raise DatasetError(f"glyphs: unknown style {style!r}; choose one of {STYLES}")
     return p
@@ -523,11 +529,14 @@ def _colour(alpha: torch.Tensor, p: dict[str, torch.Tensor], style: str, noise_b
         a = angle[:, None, None, None]
         return x * torch.cos(a) + y * torch.sin(a)
 
-    if style == "outline":
+    if style in ("outline", "natural-outline"):
         t = ramp(p["grad_angle"]).mul_(0.5).add_(0.5).clamp_(0, 1)
         ground = t * (p["bg2"][:, :, None, None] - bg)
         ground += bg
         fill = fg
+        if style == "natural-outline":  # the class's ground texture, fainter than the gradient
+            r = ramp(p["bg_angle"]).mul_(torch.pi * p["bg_freq"][:, None, None, None]).add_(p["phase"][:, 1, None, None, None])
+            ground += r.sin_().mul_(0.5).add_(0.5) * (0.3 * (p["fg2"][:, :, None, None] - bg))
     else:  # textured / natural: sinusoidal stripes in the glyph and, fainter, in the ground
 
         def stripes(freq: torch.Tensor, angle: torch.Tensor, phase: torch.Tensor) -> torch.Tensor:
@@ -574,7 +583,7 @@ def render_instances(
     res = variants.shape[-1]
     unit = max(1, res // 64)
     m = variants[p["stroke"] + 1, mask_rows]
-    if style == "outline":  # hollow glyph: dilation minus erosion (never negative, so no uint8 wrap)
+    if style in ("outline", "natural-outline"):  # hollow glyph: dilation minus erosion (never negative, so no uint8 wrap)
         width = p["width"] * unit
         ring = torch.empty_like(m)
         for w in width.unique().tolist():
@@ -621,7 +630,9 @@ class GlyphsDataset:
     ``scripts``: a subset of :data:`SCRIPT_NAMES` (None = all); ``style``: one of :data:`STYLES`
     ("default": coloured glyph on a coloured ground with a little noise; "outline": hollow glyph on a
     colour gradient; "textured": striped glyph on a striped ground; "natural": like "textured" but the
-    colours and stripes are the class's own look, jittered per image, instead of drawn per image); ``script_splits``: a different
+    colours and stripes are the class's own look, jittered per image, instead of drawn per image;
+    "natural-outline": like "outline" with the class's own colours, gradient direction and faint ground
+    stripes, the second domain of ``glyphs-fs-multidomain-natural``); ``script_splits``: a different
     assignment of scripts to train/val/test (default :data:`SCRIPT_SPLITS`); ``name``: the dataset's
     name (default "glyphs", or "glyphs-<style>" for a non-default style).
     """
@@ -722,7 +733,7 @@ class GlyphsDataset:
             "min_fonts": MIN_FONTS,
             "duplicate_threshold": DUPLICATE_THRESHOLD,
             "params": self.params(),
-            **({"look_weight": LOOK_WEIGHT} if self.style == "natural" else {}),
+            **({"look_weight": LOOK_WEIGHT} if self.style in LOOK_STYLES else {}),
             "seed": int(seed),
         }
 
@@ -822,7 +833,7 @@ class GlyphsDataset:
                 g = make_generator(derive_seed("glyphs", GENERATOR_VERSION, self.style, int(seed), cls.name))
                 k = chosen[ci]
                 look = None
-                if self.style == "natural":  # the class's look, from its own stream (instances do not move it)
+                if self.style in LOOK_STYLES:  # the class's look, from its own stream (instances do not move it)
                     look = sample_class_look(make_generator(derive_seed("glyphs", GENERATOR_VERSION, "look", int(seed), cls.name)))
                 p = sample_instance_params(g, n, int(counts[k]), self.style, look)
                 rows.append(offsets[k] + p["font"])

@@ -169,3 +169,20 @@ class GlyphsFSMultiDomain(GlyphsMultiDomain):
         from .glyphs import CIFAR_FS_CLASSES
 
         super().__init__(styles, images_per_class, size, classes_per_split=dict(CIFAR_FS_CLASSES))
+
+
+class GlyphsFSMultiDomainNatural(GlyphsFSMultiDomain):
+    """``glyphs-fs-multidomain-natural``: the multi-domain counterpart of ``glyphs-fs-natural``, two
+    CIFAR-FS-shaped glyph domains whose classes have their own look: group "a" in the ``natural`` style
+    (striped glyph on a striped ground) and group "b" in ``natural-outline`` (hollow glyph on a gradient).
+
+    ``glyphs-fs-multidomain``'s classes are shapes only, the premise the proxy study rejected for
+    ``glyphs-fs`` (``docs/proxy-validation.md``); this is the candidate to validate before the
+    multi-domain suites move to it."""
+
+    name = "glyphs-fs-multidomain-natural"
+    description = ("two CIFAR-FS-shaped glyph domains with class looks ('natural' vs 'natural-outline'), "
+                   "64/16/20 classes x 600 images each, pooled, per-domain results")
+
+    def __init__(self, styles: dict[str, str] | None = None, images_per_class: int = 600, size: int = 32) -> None:
+        super().__init__(styles or {"a": "natural", "b": "natural-outline"}, images_per_class, size)
