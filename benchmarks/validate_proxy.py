@@ -23,6 +23,7 @@ meta-val. ``--out`` writes the curves as JSON and the table as markdown.
     python benchmarks/validate_proxy.py --proxy glyphs-fs --out docs/proxy-validation-glyphs-fs
     python benchmarks/validate_proxy.py --proxy glyphs-fs-natural --teachers 32 --out docs/proxy-validation-glyphs-fs-natural
     python benchmarks/validate_proxy.py --proxy glyphs-811 --teachers 20
+    python benchmarks/validate_proxy.py --proxy glyphs-fs-multidomain-natural --teachers 32 --sources inversion,placebo
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ EPISODES = EpisodeSpec(ways=5, shots=1, queries=15, n_episodes=600)
 def candidates() -> dict[str, Scenario]:
     """The candidate proxies: the CIFAR-FS-shaped ``glyphs-fs`` with its 100-teacher zoo, the same with
     class-conditional colour and texture (``glyphs-fs-natural``, same zoo recipe), and the earlier cpu
-    proxy (all 811 meta-train glyph classes, 60 images each, 20 teachers)."""
+    proxy (all 811 meta-train glyph classes, 60 images each, 20 teachers); and the two multi-domain
+    proxies, shape-only ``glyphs-fs-multidomain`` and its class-look candidate ``glyphs-fs-multidomain-natural``."""
     old_zoo = ZooSpec(dataset="glyphs", n_models=20, ways=5, backbones=(common.CONV4,),
                       recipes=(("*", TrainRecipe(epochs=12, optimizer="adam", lr=0.005, batch_size=50)),), seed=0)
     return {
@@ -65,6 +67,9 @@ def candidates() -> dict[str, Scenario]:
                               episodes=EPISODES),
         "glyphs-fs-natural": Scenario(name="glyphs-fs-natural-conv4-5w1s", dataset="glyphs-fs-natural",
                                       zoo=common.cpu_proxy_zoo(dataset="glyphs-fs-natural"), access="whitebox", episodes=EPISODES),
+        # the multi-domain proxies, as the multi-domain suites build them (meta-val pools both domains)
+        **{ds: Scenario(name=f"{ds}-conv4-5w1s", dataset=ds, zoo=common.cpu_proxy_zoo(dataset=ds), access="whitebox", episodes=EPISODES)
+           for ds in ("glyphs-fs-multidomain", "glyphs-fs-multidomain-natural")},
         "glyphs-811": Scenario(name="glyphs-conv4-5w1s", dataset="glyphs", zoo=old_zoo, access="whitebox", episodes=EPISODES),
     }
 
