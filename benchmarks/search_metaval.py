@@ -40,6 +40,10 @@ CANDIDATES = {
     # glyphs-fs-natural the teachers label its recovered images as intended only 30 % of the time, flat
     # over its 80 updates
     "warm3x": {"warmup": 180},
+    # free: 4x the adaptation steps per model (20 instead of 5), alone and with the longer warm-up: is the
+    # few-step recovery, rather than the meta-generator's training, what keeps agreement at chance?
+    "steps20": {"gen_steps": 20},
+    "warm3x-steps20": {"warmup": 180, "gen_steps": 20},
 }
 KEEP = ("best_iteration", "best_epoch", "best_val_acc", "val_curve", "recovery_agreement_mean", "teacher_acc_on_recovered",
         "teacher_agreement_per_epoch", "meta_generator_updates",
