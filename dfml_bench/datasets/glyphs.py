@@ -82,6 +82,7 @@ GLYPH_BOX = 0.8  # fraction of the image side the glyph's larger side fills befo
 RENDER_SCALE = 2  # glyph masks and the affine warp are at this multiple of the output size
 STYLES = ("default", "outline", "textured", "natural", "natural-outline")
 LOOK_STYLES = ("natural", "natural-outline")  # styles in which every class has its own look (sample_class_look)
+HOLLOW_STYLES = ("outline", "natural-outline")  # styles that draw the glyph as an outline on a gradient ground
 STROKE_PROBS = torch.tensor([0.25, 0.35, 0.3, 0.1])  # erode / none / dilate 1 / dilate 2
 NOISE_BANK = 1024  # "default" style: per-pixel noise fields drawn once per seed, picked per image
 
@@ -529,7 +530,7 @@ def _colour(alpha: torch.Tensor, p: dict[str, torch.Tensor], style: str, noise_b
         a = angle[:, None, None, None]
         return x * torch.cos(a) + y * torch.sin(a)
 
-    if style in ("outline", "natural-outline"):
+    if style in HOLLOW_STYLES:
         t = ramp(p["grad_angle"]).mul_(0.5).add_(0.5).clamp_(0, 1)
         ground = t * (p["bg2"][:, :, None, None] - bg)
         ground += bg
@@ -583,7 +584,7 @@ def render_instances(
     res = variants.shape[-1]
     unit = max(1, res // 64)
     m = variants[p["stroke"] + 1, mask_rows]
-    if style in ("outline", "natural-outline"):  # hollow glyph: dilation minus erosion (never negative, so no uint8 wrap)
+    if style in HOLLOW_STYLES:  # hollow glyph: dilation minus erosion (never negative, so no uint8 wrap)
         width = p["width"] * unit
         ring = torch.empty_like(m)
         for w in width.unique().tolist():
