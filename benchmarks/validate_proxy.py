@@ -24,6 +24,7 @@ meta-val. ``--out`` writes the curves as JSON and the table as markdown.
     python benchmarks/validate_proxy.py --proxy glyphs-fs-natural --teachers 32 --out docs/proxy-validation-glyphs-fs-natural
     python benchmarks/validate_proxy.py --proxy glyphs-811 --teachers 20
     python benchmarks/validate_proxy.py --proxy glyphs-fs-multidomain-natural --teachers 32 --sources inversion,placebo
+    python benchmarks/validate_proxy.py --proxy glyphs-fs-multidomain-natural --zoo-models 200 --zoo-jobs 2 --sources inversion,placebo
 """
 
 from __future__ import annotations
@@ -140,23 +141,45 @@ def make_banks(source: str, ctx, ds, teachers, per_class: int, args) -> tuple[Ta
     return mem, {"bank_seconds": round(time.perf_counter() - t0, 1), "teacher_agreement": round(sum(agree) / len(agree), 3)}
 
 
-def train_curve(ctx, init: torch.nn.Module, mem: TaskMemory, args, seed: int) -> list[tuple[int, float]]:
+def val_point(ctx, ds, model: torch.nn.Module, n: int) -> tuple[float, dict[str, float]]:
+    """Meta-val accuracy on the first ``n`` episodes, and per domain on a multi-domain pool (an episode's
+    domain is its first class's; empty for one domain), so a pooled figure cannot hide a domain that fails."""
+    acc = ctx._evaluate_val(model, n)
+    per: dict[str, list[float]] = {}
+    if ds.domains:
+        classes = ctx.val_episodes.classes
+        for e, a in enumerate(acc.tolist()):
+            per.setdefault(ds.domain_of(int(classes[e, 0])), []).append(a)
+    return float(acc.mean()), {d: sum(v) / len(v) for d, v in sorted(per.items())}
+
+
+def train_curve(ctx, ds, init: torch.nn.Module, mem: TaskMemory, args, seed: int) -> tuple[list[tuple[int, float]], dict]:
     """MAML (second-order, 5 inner steps, Adam 1e-3, meta-batch ``args.batch``) on memory tasks from a
     copy of ``init`` (the scenario's shared initialisation); meta-val accuracy every ``args.val_every``
-    iterations (iteration 0 included)."""
+    iterations (iteration 0 included), and per domain ({domain: curve}) on a multi-domain pool."""
     model = copy.deepcopy(init)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     g = make_generator(derive_seed("proxy-study-tasks", seed))
     spec = ctx.episode_spec
-    curve = [(0, ctx.evaluate_val(model, args.val_episodes))]
+    curve: list[tuple[int, float]] = []
+    per_domain: dict[str, list[tuple[int, float]]] = {}
+
+    def point(it: int) -> None:
+        mean, per = val_point(ctx, ds, model, args.val_episodes)
+        curve.append((it, mean))
+        for d, a in per.items():
+            per_domain.setdefault(d, []).append((it, a))
+        if it:
+            print(f"  it {it}: val {mean:.4f}" + "".join(f", {d} {a:.4f}" for d, a in per.items()), flush=True)
+
+    point(0)
     for it in range(1, args.iterations + 1):
         tasks = [mem.sample_task(spec.ways, spec.shots, spec.queries, g, per_source=args.tasks == "per-model")
                  for _ in range(args.batch)]
         maml_step(model, opt, tasks, steps=5, lr=0.01)
         if it % args.val_every == 0:
-            curve.append((it, ctx.evaluate_val(model, args.val_episodes)))
-            print(f"  it {it}: val {curve[-1][1]:.4f}", flush=True)
-    return curve
+            point(it)
+    return curve, per_domain
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -164,6 +187,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--proxy", choices=sorted(candidates()), default="glyphs-fs")
     ap.add_argument("--sources", default="real,inversion,placebo")
     ap.add_argument("--teachers", type=int, default=None, help="use the first T zoo models (default: all)")
+    ap.add_argument("--zoo-models", type=int, default=None,
+                    help="a zoo of N models instead of the proxy's (same recipe and seeds: model i is the same model in every size)")
+    ap.add_argument("--zoo-jobs", type=int, default=1, help="models trained side by side when the zoo must be built")
     ap.add_argument("--per-class", type=int, default=16, help="distinct images per class in each teacher's bank (>= 16)")
     ap.add_argument("--tasks", choices=["mixed", "per-model"], default="mixed")
     ap.add_argument("--iterations", type=int, default=300)
@@ -186,6 +212,17 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     sc = candidates()[args.proxy]
     sc = replace(sc, val_episodes=max(args.val_episodes, 100))
+    if args.zoo_models is not None:
+        if args.zoo_models < 1:
+            ap.error("--zoo-models must be at least 1")
+        sc = replace(sc, zoo=replace(sc.zoo, n_models=args.zoo_models))
+    if args.zoo_jobs > 1:  # build (or verify) the zoo with worker processes first; the context then finds it complete
+        from dfml_bench.datasets import load_dataset
+        from dfml_bench.zoo import build_zoo
+
+        torch.set_num_threads(1)  # as `dfml-bench zoo build` (default --threads 1): the same model files as the suites'
+        build_zoo(sc.zoo, load_dataset(sc.dataset, seed=sc.dataset_seed, scale="cpu"), progress=False, log=print, workers=args.zoo_jobs)
+        torch.set_num_threads(args.threads)
     ctx, ds, zoo, _test, _ = make_scenario_context(sc, "cpu", args.seed, method="proxy-study", log=None)
     teachers = ctx.whitebox()[: args.teachers]
     args.model_sha = {e.index: e.sha256 for e in zoo.entries}  # each bank's model file, checked against cached banks
@@ -209,12 +246,13 @@ def main(argv: list[str] | None = None) -> dict:
         mem, facts = make_banks(source, ctx, ds, teachers, args.per_class, args)
         print(f"{source}: {facts}", flush=True)
         t0 = time.perf_counter()
-        curve = train_curve(ctx, init, mem, args, args.seed)
+        curve, per_domain = train_curve(ctx, ds, init, mem, args, args.seed)
         if abs(curve[0][1] - out["levels"]["random"]) > 1e-4:  # the level is rounded to 4 places
             raise RuntimeError(f"{source}: the curve starts at {curve[0][1]:.4f}, not at the shared initialisation's "
                                f"{out['levels']['random']:.4f}")
         out["sources"][source] = {**facts, "curve": curve, "best": max(a for _, a in curve), "last": curve[-1][1],
-                                  "train_seconds": round(time.perf_counter() - t0, 1)}
+                                  "train_seconds": round(time.perf_counter() - t0, 1),
+                                  **({"per_domain": per_domain} if per_domain else {})}
     print(json.dumps(out))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -233,6 +271,10 @@ def markdown(out: dict) -> str:
         vals = dict(s["curve"])
         rows.append(f"| {name} | {s['teacher_agreement']:.2f} | " + " | ".join(f"{100 * vals[i]:.1f}" if i in vals else "" for i in its)
                     + f" | {100 * s['best']:.1f} |")
+        for dom, dcurve in s.get("per_domain", {}).items():  # multi-domain pools: the same curve per domain
+            dvals = dict((it, a) for it, a in dcurve)
+            rows.append(f"| {name}, domain {dom} | | " + " | ".join(f"{100 * dvals[i]:.1f}" if i in dvals else "" for i in its)
+                        + f" | {100 * max(dvals.values()):.1f} |")
     lv = ", ".join(f"{k} {100 * v:.1f}" for k, v in out["levels"].items())
     return (f"Proxy `{out['proxy']}` ({out['teachers']} teachers, {out['classes_covered']} of {out['meta_train_classes']} "
             f"meta-train classes covered, {out['teachers_per_class']} teachers per class; {out['args']['tasks']} tasks, "
