@@ -55,23 +55,55 @@ def _longest_run(mask: np.ndarray) -> tuple[int, int]:
     return best
 
 
-def grid_images(png: Path, cols: int, size: int) -> list[np.ndarray]:
-    """The images of a saved recovered grid: crop the drawn area (below the title), resample to cells."""
+def _grid_cells(png: Path, cols: int, size: int) -> np.ndarray | None:
+    """The cells of a saved recovered grid, [rows, cols, H, W, 3]: crop the drawn area (below the
+    title), resample to cells; None when nothing is drawn."""
     from PIL import Image
 
     a = np.asarray(Image.open(png).convert("RGB")).astype(np.float64) / 255.0
     drawn = (a < 250 / 255).any(-1)
     top, bottom = _longest_run(drawn.any(1))  # the grid is the tallest band of drawn rows (the title is a thin one)
     if bottom <= top:
-        return []
+        return None
     xs = np.nonzero(drawn[top:bottom].any(0))[0]
     a = a[top:bottom, xs.min(): xs.max() + 1]
     height, width = a.shape[:2]
     rows = max(1, round(height / (width / cols)))
     yi = ((np.arange(rows * size) + 0.5) * height / (rows * size)).astype(int)
     xi = ((np.arange(cols * size) + 0.5) * width / (cols * size)).astype(int)
-    cells = a[yi][:, xi].reshape(rows, size, cols, size, 3).transpose(0, 2, 1, 3, 4).reshape(-1, size, size, 3)
-    return [c for c in cells if c.std() > 0.02]  # padding cells of short classes are blank
+    return a[yi][:, xi].reshape(rows, size, cols, size, 3).transpose(0, 2, 1, 3, 4)  # [rows, cols, H, W, 3]
+
+
+def grid_images(png: Path, cols: int, size: int) -> list[np.ndarray]:
+    """The images of a saved recovered grid: crop the drawn area (below the title), resample to cells."""
+    cells = _grid_cells(png, cols, size)
+    return [] if cells is None else [c for c in cells.reshape(-1, size, size, 3) if c.std() > 0.02]  # padding cells are blank
+
+
+def grid_rows(png: Path, cols: int, size: int) -> list[list[np.ndarray]]:
+    """The grid's images row by row (a row is one recovered class), blank padding cells dropped."""
+    cells = _grid_cells(png, cols, size)
+    return [] if cells is None else [[c for c in row if c.std() > 0.02] for row in cells]
+
+
+def _mean_pairwise(a: list[np.ndarray], b: list[np.ndarray] | None = None) -> float:
+    """Mean RMS pixel distance over pairs (within ``a`` when ``b`` is None, else across ``a`` x ``b``)."""
+    x = np.stack([i.ravel() for i in a])
+    y = x if b is None else np.stack([i.ravel() for i in b])
+    d = np.sqrt(((x[:, None] - y[None]) ** 2).mean(-1))
+    if b is None:
+        n = len(a)
+        return float(d.sum() / (n * (n - 1))) if n > 1 else float("nan")
+    return float(d.mean())
+
+
+def class_diversity(rows: list[list[np.ndarray]]) -> tuple[float, float]:
+    """(mean RMS distance between two images of one class, between images of two different classes):
+    a memory of near-duplicates has a within-class distance far below the between-class one."""
+    rows = [r for r in rows if len(r) > 1]
+    within = float(np.mean([_mean_pairwise(r) for r in rows])) if rows else float("nan")
+    between = [_mean_pairwise(rows[i], rows[j]) for i in range(len(rows)) for j in range(i + 1, len(rows))]
+    return within, float(np.mean(between)) if between else float("nan")
 
 
 def real_reference(dataset: str, n: int, seed: int, radius: float) -> float:
@@ -92,15 +124,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--real", type=int, default=400, help="real meta-train images for the reference (0: skip)")
     args = p.parse_args(argv)
     dataset = None
-    print(f"high-frequency share (power above {args.radius:g} cycles/image), mean over the images of each grid")
+    print(f"high-frequency share (power above {args.radius:g} cycles/image), mean over the images of each grid; "
+          "within- and between-class RMS pixel distance (diversity of a class's recovered images)")
     for method in args.methods.split(","):
         for png in sorted((args.scenario_dir / method).glob("seed-*-recovered.png")):
             record = json.loads(png.with_name(png.name.replace("-recovered.png", ".json")).read_text())
             dataset = record["config"]["scenario"]["dataset"]
             shares = [high_frequency_share(c, args.radius) for c in grid_images(png, args.cols, args.size)]
+            within, between = class_diversity(grid_rows(png, args.cols, args.size))
             extra = record.get("extra", {})
             agreement = extra.get("recovery_agreement_mean", extra.get("teacher_acc_on_recovered"))
-            print(f"  {method:14s} {png.name:22s} {np.mean(shares):.3f}  ({len(shares)} images"
+            print(f"  {method:14s} {png.name:22s} {np.mean(shares):.3f}  within/between-class distance "
+                  f"{within:.3f}/{between:.3f} = {within / between:.2f}  ({len(shares)} images"
                   + (f", teacher agreement {agreement:.2f})" if agreement is not None else ")"))
     if dataset and args.real:
         print(f"  {'real':14s} {dataset + ' meta-train':22s} {real_reference(dataset, args.real, 0, args.radius):.3f}  ({args.real} images)")

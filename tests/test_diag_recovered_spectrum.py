@@ -60,3 +60,19 @@ def test_grid_round_trip_recovers_the_images(diag, tmp_path) -> None:
 def test_longest_run(diag) -> None:
     assert diag._longest_run(np.array([1, 1, 0, 1, 1, 1, 0], dtype=bool)) == (3, 6)
     assert diag._longest_run(np.zeros(4, dtype=bool)) == (0, 0)
+
+
+def test_class_diversity_tells_near_duplicates_from_varied_classes(diag, tmp_path) -> None:
+    g = torch.Generator().manual_seed(3)
+    centres = torch.rand(4, 3, 32, 32, generator=g) * 200 + 20
+    dup = torch.stack([c + torch.randn(8, 3, 32, 32, generator=g) * 2 for c in centres])  # each class: one image, jittered
+    varied = torch.rand(4, 8, 3, 32, 32, generator=g) * 200 + 20  # each image its own
+    ratios = {}
+    for name, grid in (("dup", dup), ("varied", varied)):
+        path = tmp_path / f"{name}-recovered.png"
+        save_image_grid(grid.clamp(0, 255).to(torch.uint8), path, title="toy")
+        rows = diag.grid_rows(path, cols=8, size=32)
+        assert [len(r) for r in rows] == [8, 8, 8, 8]
+        within, between = diag.class_diversity(rows)
+        ratios[name] = within / between
+    assert ratios["dup"] < 0.2 and ratios["varied"] > 0.9
