@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import shutil
 import sys
@@ -20,6 +21,19 @@ from dfml_bench.registry import register
 from dfml_bench.scenarios import Scenario, Suite
 from dfml_bench.utils import make_generator, sha256_tensor, sha256_json
 from dfml_bench.zoo import TrainRecipe, ZooSpec
+
+def load_benchmark(name: str):
+    """The script ``benchmarks/<name>.py`` imported as a module (benchmarks are scripts, not a package);
+    registered in ``sys.modules`` because dataclasses look their module up there."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
 
 # One intra-op thread: several test processes (API servers, workers) share two cores, and
 # oversubscribed OpenMP threads make small-tensor work many times slower.

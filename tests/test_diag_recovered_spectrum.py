@@ -3,9 +3,6 @@ correctly: smooth images score a lower high-frequency share than noisy ones, aft
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,16 +10,12 @@ import torch
 
 from baselines.memory import save_image_grid
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def diag():
-    spec = importlib.util.spec_from_file_location("diag_recovered_spectrum", ROOT / "benchmarks" / "diag_recovered_spectrum.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["diag_recovered_spectrum"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("diag_recovered_spectrum")
 
 
 def _images(kind: str, n: int, seed: int) -> torch.Tensor:

@@ -3,24 +3,17 @@ cannot hide a domain that fails) and renders those curves in its table; its zoo-
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def study():
-    spec = importlib.util.spec_from_file_location("validate_proxy", ROOT / "benchmarks" / "validate_proxy.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["validate_proxy"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("validate_proxy")
 
 
 def _ctx(acc: list[float], first_classes: list[int]):
