@@ -74,16 +74,15 @@ def _grid_cells(png: Path, cols: int, size: int) -> np.ndarray | None:
     return a[yi][:, xi].reshape(rows, size, cols, size, 3).transpose(0, 2, 1, 3, 4)  # [rows, cols, H, W, 3]
 
 
-def grid_images(png: Path, cols: int, size: int) -> list[np.ndarray]:
-    """The images of a saved recovered grid: crop the drawn area (below the title), resample to cells."""
-    cells = _grid_cells(png, cols, size)
-    return [] if cells is None else [c for c in cells.reshape(-1, size, size, 3) if c.std() > 0.02]  # padding cells are blank
-
-
 def grid_rows(png: Path, cols: int, size: int) -> list[list[np.ndarray]]:
     """The grid's images row by row (a row is one recovered class), blank padding cells dropped."""
     cells = _grid_cells(png, cols, size)
-    return [] if cells is None else [[c for c in row if c.std() > 0.02] for row in cells]
+    return [] if cells is None else [[c for c in row if c.std() > 0.02] for row in cells]  # padding cells are blank
+
+
+def grid_images(png: Path, cols: int, size: int) -> list[np.ndarray]:
+    """The images of a saved recovered grid, row after row."""
+    return [c for row in grid_rows(png, cols, size) for c in row]
 
 
 def _mean_pairwise(a: list[np.ndarray], b: list[np.ndarray] | None = None) -> float:
@@ -130,8 +129,9 @@ def main(argv: list[str] | None = None) -> int:
         for png in sorted((args.scenario_dir / method).glob("seed-*-recovered.png")):
             record = json.loads(png.with_name(png.name.replace("-recovered.png", ".json")).read_text())
             dataset = record["config"]["scenario"]["dataset"]
-            shares = [high_frequency_share(c, args.radius) for c in grid_images(png, args.cols, args.size)]
-            within, between = class_diversity(grid_rows(png, args.cols, args.size))
+            rows = grid_rows(png, args.cols, args.size)  # the picture is read once for both figures
+            shares = [high_frequency_share(c, args.radius) for row in rows for c in row]
+            within, between = class_diversity(rows)
             extra = record.get("extra", {})
             agreement = extra.get("recovery_agreement_mean", extra.get("teacher_acc_on_recovered"))
             print(f"  {method:14s} {png.name:22s} {np.mean(shares):.3f}  within/between-class distance "

@@ -48,6 +48,7 @@ from baselines.placebo import placebo_images  # noqa: E402
 from benchmarks._context import make_scenario_context  # noqa: E402
 from dfml_bench.episodes import EpisodeSpec  # noqa: E402
 from dfml_bench.methods import get_method  # noqa: E402
+from dfml_bench.runner import per_domain_summary  # noqa: E402
 from dfml_bench.scenarios import Scenario  # noqa: E402
 from dfml_bench.suites import common  # noqa: E402
 from dfml_bench.utils import derive_seed, make_generator  # noqa: E402
@@ -145,12 +146,8 @@ def val_point(ctx, ds, model: torch.nn.Module, n: int) -> tuple[float, dict[str,
     """Meta-val accuracy on the first ``n`` episodes, and per domain on a multi-domain pool (an episode's
     domain is its first class's; empty for one domain), so a pooled figure cannot hide a domain that fails."""
     acc = ctx._evaluate_val(model, n)
-    per: dict[str, list[float]] = {}
-    if ds.domains:
-        classes = ctx.val_episodes.classes
-        for e, a in enumerate(acc.tolist()):
-            per.setdefault(ds.domain_of(int(classes[e, 0])), []).append(a)
-    return float(acc.mean()), {d: sum(v) / len(v) for d, v in sorted(per.items())}
+    per = per_domain_summary(ds, ctx.val_episodes, acc.tolist())
+    return float(acc.mean()), {d: s["mean"] for d, s in per.items()}
 
 
 def train_curve(ctx, ds, init: torch.nn.Module, mem: TaskMemory, args, seed: int) -> tuple[list[tuple[int, float]], dict]:

@@ -269,7 +269,7 @@ def _run_one(suite: Suite, scenario: Scenario, method_name: str, seed: int, opts
         t_eval = time.perf_counter() - t0
         record.per_episode = [round(float(a), 6) for a in acc.tolist()]
         record.accuracy = summary_of(record.per_episode)
-        record.per_domain = _per_domain(dataset, test_eps, record.per_episode)
+        record.per_domain = per_domain_summary(dataset, test_eps, record.per_episode)
         record.queries = fitter.queries()
         record.timing = {"fit_seconds": t_fit, "eval_seconds": t_eval}
         record.extra = fitter.report
@@ -501,8 +501,9 @@ def _warn_same_user(log) -> None:
         (log or (lambda m: print(m, file=sys.stderr)))(msg)
 
 
-def _per_domain(dataset: ImageDataset, eps: EpisodeSet, acc: list[float]) -> dict:
-    """Mean accuracy per domain for multi-domain pools (an episode's domain is its first class's)."""
+def per_domain_summary(dataset: ImageDataset, eps: EpisodeSet, acc: list[float]) -> dict:
+    """Accuracy summary per domain for multi-domain pools (an episode's domain is its first class's;
+    ``acc`` may cover only the first episodes of ``eps``); empty for one domain."""
     if not dataset.domains:
         return {}
     groups: dict[str, list[float]] = {}

@@ -22,6 +22,7 @@ from dfml_bench.scenarios import Scenario, Suite
 from dfml_bench.utils import make_generator, sha256_tensor, sha256_json
 from dfml_bench.zoo import TrainRecipe, ZooSpec
 
+
 def load_benchmark(name: str):
     """The script ``benchmarks/<name>.py`` imported as a module (benchmarks are scripts, not a package);
     registered in ``sys.modules`` because dataclasses look their module up there."""

@@ -3,7 +3,6 @@ correctly: smooth images score a lower high-frequency share than noisy ones, aft
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
