@@ -44,8 +44,15 @@ CANDIDATES = {
     # few-step recovery, rather than the meta-generator's training, what keeps agreement at chance?
     "steps20": {"gen_steps": 20},
     "warm3x-steps20": {"warmup": 180, "gen_steps": 20},
+    # free: with 20 steps the teachers agree with its recovered images about as often as with tgr's (0.6), yet
+    # meta-val fell in one seed of three where tgr's rises; what is left between them is BELL-align, whose step
+    # is the reference's (4 fresh-Adam steps times 67 through the meta-learner's shared Adam). Without it, and
+    # with the smaller SGD form of the same step:
+    "steps20-noalign": {"gen_steps": 20, "align": False},
+    "steps20-sgdalign": {"gen_steps": 20, "align_inner": "sgd"},
 }
-KEEP = ("best_iteration", "best_epoch", "best_val_acc", "val_curve", "recovery_agreement_mean", "teacher_acc_on_recovered",
+KEEP = ("best_iteration", "best_epoch", "best_val_acc", "val_curve", "recovery_agreement_mean", "recovery_margin_median",
+        "teacher_acc_on_recovered",
         "teacher_agreement_per_epoch", "meta_generator_updates",
         "queries_total", "grouping_seconds")
 
