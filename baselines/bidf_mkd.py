@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+import statistics
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -139,6 +140,19 @@ class Recovered:
     iterations: int = 0
     exhausted: bool = False
     agreement: float | None = None  # fraction of the best iterate the API labelled with its target (clean queries)
+    margin: float | None = None  # median API log-odds margin of the target on the best iterate (None: hard labels)
+
+
+def target_margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-sample log-odds margin of the target class: ``z_y - max_{j != y} z_j`` ([B]).
+
+    Positive where the answer's top class is the target; large where a sample sits deep inside its
+    class, far from any decision boundary ("too easy" to teach a student much). The same number for
+    logits and log-probabilities (softmax does not change differences of logits).
+    """
+    target = logits.gather(1, y[:, None]).squeeze(1)
+    others = logits.scatter(1, y[:, None], float("-inf"))
+    return target - others.max(1).values
 
 
 def recover(api, *, ways: int, per_class: int, iterations: int, q: int, mu: float, lr: float, rng: torch.Generator,
@@ -156,7 +170,8 @@ def recover(api, *, ways: int, per_class: int, iterations: int, q: int, mu: floa
     ``orthogonal`` choose the ZO estimator (:func:`baselines.zo.zo_gradient`); ``on_step(i, best)`` is
     called after every iteration with the best images so far (benchmarks trace recovery with it).
     ``Recovered.agreement`` is the fraction of the best iterate's (augmented) images the API labelled
-    with their target: free, from the clean queries already made.
+    with their target, ``Recovered.margin`` the median :func:`target_margin` of the API's answers on them
+    (None for hard labels, whose answers carry no margin): both free, from the clean queries already made.
     """
     c, h, w = image_shape
     gen = make_generator_module(h, c, rng if rng.device.type == "cpu" else _cpu_gen(rng), device, nz=nz, ngf=ngf)
@@ -167,7 +182,7 @@ def recover(api, *, ways: int, per_class: int, iterations: int, q: int, mu: floa
         with torch.no_grad():
             return Recovered(gen(z).detach(), y)
     opt = torch.optim.Adam([*gen.parameters(), z], lr=lr, betas=(0.5, 0.999))
-    best, best_loss, losses, exhausted, agreement = None, math.inf, [], False, None
+    best, best_loss, losses, exhausted, agreement, margin = None, math.inf, [], False, None, None
     kind = api.info.output_kind
     for _ in range(iterations):
         X = gen(z)
@@ -189,6 +204,7 @@ def recover(api, *, ways: int, per_class: int, iterations: int, q: int, mu: floa
         if cur < best_loss:
             best_loss, best = cur, X.detach().clone()
             agreement = float((logits.argmax(1) == y).float().mean())
+            margin = None if kind == "label" else float(target_margin(logits, y).median())
         opt.zero_grad(set_to_none=True)
         surrogate(g, x).backward()
         opt.step()
@@ -197,7 +213,7 @@ def recover(api, *, ways: int, per_class: int, iterations: int, q: int, mu: floa
     if best is None:
         raise BudgetExhausted("no synthesis iteration fitted the remaining budget", requested=batch * (q + 1), used=0,
                               budget=0, scope="recovery")
-    return Recovered(best, y, losses, len(losses), exhausted, agreement)
+    return Recovered(best, y, losses, len(losses), exhausted, agreement, margin)
 
 
 def _save_grid(memory: TaskMemory, path, title: str) -> None:
@@ -512,6 +528,8 @@ class BiDfMKD(Method):
         report["queries_total"] = sum(counts.values())
         agree = [v[k] for v in report["visits"] for k in ("support_agreement", "query_agreement") if v.get(k) is not None]
         report["recovery_agreement_mean"] = round(sum(agree) / len(agree), 4) if agree else None
+        margins = [v[k] for v in report["visits"] for k in ("support_margin", "query_margin") if v.get(k) is not None]
+        report["recovery_margin_median"] = round(statistics.median(margins), 4) if margins else None
         self.report_ = report
         title = f"bidf-mkd: recovered samples ({len(memory.classes)} classes, {n_visits} API visits)"
         self.artifacts_ = {"recovered": lambda path: _save_grid(memory, path, title)}
@@ -539,7 +557,7 @@ class BiDfMKD(Method):
         sup = recover(_CountingAPI(api, counts, "support"), **common)
         memory.add(sup.images, sup.labels, api.info.classes, source=api_idx)
         info.update(support_loss_first=sup.losses[0] if sup.losses else None, support_loss_best=min(sup.losses) if sup.losses else None,
-                    support_iterations=sup.iterations, support_agreement=sup.agreement)
+                    support_iterations=sup.iterations, support_agreement=sup.agreement, support_margin=sup.margin)
         kd_api = _CountingAPI(api, counts, "kd")
         S = augment(sup.images, rng)
         try:
@@ -571,7 +589,7 @@ class BiDfMKD(Method):
             return None, info
         memory.add(qry.images, qry.labels, api.info.classes, source=api_idx)
         info.update(query_loss_first=qry.losses[0] if qry.losses else None, query_loss_best=min(qry.losses) if qry.losses else None,
-                    query_iterations=qry.iterations, boundary=boundary, query_agreement=qry.agreement)
+                    query_iterations=qry.iterations, boundary=boundary, query_agreement=qry.agreement, query_margin=qry.margin)
         Q = augment(qry.images, rng)
         try:
             tQ = query_logits(kd_api, Q)

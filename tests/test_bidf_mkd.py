@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from baselines.bidf_mkd import BiDfMKD, kd_loss, per_sample_loss, plan_recovery, recover, recovery_cost
+from baselines.bidf_mkd import BiDfMKD, kd_loss, per_sample_loss, plan_recovery, recover, recovery_cost, target_margin
 from dfml_bench.access import APIInfo, InProcessAPI, QueryMeter
 from dfml_bench.methods import MethodError, get_method
 from dfml_bench.runner import RunOptions, run_one
@@ -18,6 +18,15 @@ from dfml_bench.scenarios import get_suite
 
 SMALL = dict(meta_iterations=6, max_visits=2, val_every=3, val_episodes=4, gen_iterations=3, q=3, per_class=3, ngf=8,
              kd_inner_steps=2, inner_steps=1, meta_batch=2)
+
+
+def test_target_margin_is_the_log_odds_gap_to_the_strongest_other_class():
+    z = torch.tensor([[3.0, 1.0, 2.5], [0.0, 4.0, 1.0], [1.0, 1.0, 1.0]])
+    y = torch.tensor([0, 0, 2])
+    assert target_margin(z, y).tolist() == pytest.approx([0.5, -4.0, 0.0])
+    # logits and log-probabilities give the same margins; a sample deeper inside its class has a larger one
+    assert torch.allclose(target_margin(F.log_softmax(z, 1), y), target_margin(z, y), atol=1e-6)
+    assert float(target_margin(torch.tensor([[9.0, 1.0, 2.5]]), y[:1])) > float(target_margin(z[:1], y[:1]))
 
 
 def test_kd_loss_is_a_true_kl_and_the_faithful_switch_reproduces_the_reference():

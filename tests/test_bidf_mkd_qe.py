@@ -3,6 +3,8 @@ included); the faithful bidf-mkd refuses hard labels before any query is spent."
 
 from __future__ import annotations
 
+import math
+import statistics
 from dataclasses import replace
 
 import pytest
@@ -48,6 +50,14 @@ def test_runs_within_budget_and_writes_its_plan(tmp_path, kind):
     assert not any(v.get("boundary") for v in rec.extra["visits"]) or kind != "label"
     agree = [v["support_agreement"] for v in rec.extra["visits"] if v.get("support_agreement") is not None]
     assert agree and all(0.0 <= a <= 1.0 for a in agree)
+    # the APIs' margins on the memory: a finite median per set from logits, none from hard labels
+    margins = [v.get("support_margin") for v in rec.extra["visits"] if v.get("support_agreement") is not None]
+    if kind == "label":
+        assert all(m is None for m in margins) and rec.extra["recovery_margin_median"] is None
+    else:
+        assert all(m is not None and math.isfinite(m) for m in margins)
+        assert rec.extra["recovery_margin_median"] == pytest.approx(statistics.median(
+            [v[k] for v in rec.extra["visits"] for k in ("support_margin", "query_margin") if v.get(k) is not None]), abs=1e-4)
 
 
 @pytest.mark.slow
