@@ -52,9 +52,7 @@ CANDIDATES = {
     "steps20-sgdalign": {"gen_steps": 20, "align_inner": "sgd"},
 }
 KEEP = ("best_iteration", "best_epoch", "best_val_acc", "val_curve", "recovery_agreement_mean", "recovery_margin_median",
-        "teacher_acc_on_recovered",
-        "teacher_agreement_per_epoch", "meta_generator_updates",
-        "queries_total", "grouping_seconds")
+        "teacher_acc_on_recovered", "teacher_agreement_per_epoch", "meta_generator_updates", "queries_total", "grouping_seconds")
 
 
 def run(candidate: str, suite: str, seed: int, zoo_models: int | None = None) -> dict:
