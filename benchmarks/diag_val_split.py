@@ -111,8 +111,11 @@ def run(method: str, suite: str, seed: int, episodes: int) -> dict:
     m = get_method(method)
     t0 = time.perf_counter()
     m.fit(ctx)
+    report = getattr(m, "report_", {}) or {}
+    keep = ("best_val_acc", "recovery_agreement_mean", "recovery_margin_median", "teacher_acc_on_recovered")
     return {"method": method, "suite": suite, "seed": seed, "episodes_per_set": episodes,
-            "fit_seconds": time.perf_counter() - t0, "trace": trace, **analyse(trace)}
+            "fit_seconds": time.perf_counter() - t0, "trace": trace, **analyse(trace),
+            **{k: report[k] for k in keep if k in report}}
 
 
 def markdown(rows: list[dict]) -> str:
