@@ -100,10 +100,8 @@ def run(method: str, suite: str, seed: int, episodes: int) -> dict:
     def evaluate_val(model, n=None):
         acc = own(model, n)
         row = {"val": float(acc.mean())}
-        was_training = model.training
-        for name, eps in sets.items():
+        for name, eps in sets.items():  # evaluate adapts a copy: the method's model is left as it was
             row[name] = float(evaluate(model, ds, eps, sc.protocol, device=ctx.device).mean())
-        model.train(was_training)
         trace.append(row)
         return acc
 

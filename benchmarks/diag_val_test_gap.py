@@ -35,6 +35,7 @@ from scipy import stats
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dfml_bench.results import iter_records  # noqa: E402
+from dfml_bench.stats import mean_ci  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -92,13 +93,10 @@ def summarise(rows: list[GapRow], by: tuple[str, ...] = ("suite", "method")) -> 
         groups[tuple(getattr(r, k) for k in by)].append(r)
     out = []
     for key, rs in sorted(groups.items()):
-        opt = [r.optimism for r in rs]
-        ci = None
-        if len(rs) > 1:
-            half = stats.t.ppf(0.975, len(rs) - 1) * statistics.stdev(opt) / math.sqrt(len(rs))
-            ci = (statistics.mean(opt) - half, statistics.mean(opt) + half)
+        mean, half = mean_ci([r.optimism for r in rs])
         out.append({**dict(zip(by, key)), "n": len(rs), "val_gain": statistics.mean(r.val_gain for r in rs),
-                    "test_gain": statistics.mean(r.test_gain for r in rs), "optimism": statistics.mean(opt), "optimism_ci": ci})
+                    "test_gain": statistics.mean(r.test_gain for r in rs), "optimism": mean,
+                    "optimism_ci": None if math.isnan(half) else (mean - half, mean + half)})
     return out
 
 
