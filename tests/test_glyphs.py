@@ -329,3 +329,49 @@ def test_class_look_keeps_the_natural_style_draws_first():
     first = [torch.rand(3, generator=g) for _ in range(4)]
     assert all(torch.equal(look[k], v) for k, v in zip(("fg", "bg", "fg2", "bg2"), first))
     assert list(look)[-1] == "grad_angle"
+
+
+def test_shuffled_heldout_split_is_exchangeable_and_keeps_meta_train():
+    """heldout="shuffled" (issue 12): meta-val and meta-test are one random draw from the held-out scripts'
+    classes, so both mix scripts; meta-train (classes, images, normalisation) is that of the script split,
+    and no held-out class is in meta-train."""
+    counts = {"train": 12, "val": 8, "test": 10}
+    kw = dict(images_per_class=4, style="natural", classes_per_split=counts)
+    by_script = G.GlyphsDataset(**kw).generate(seed=0)
+    shuffled = G.GlyphsDataset(**kw, heldout="shuffled", name="glyphs-shuffled").generate(seed=0)
+    assert {s: len(v) for s, v in shuffled.splits.items()} == counts
+    names = {s: [shuffled.class_names[i] for i in v] for s, v in shuffled.splits.items()}
+    assert names["train"] == [by_script.class_names[i] for i in by_script.splits["train"]]
+    for a, b in zip(by_script.splits["train"], shuffled.splits["train"]):
+        assert torch.equal(by_script.images[by_script.labels == a], shuffled.images[shuffled.labels == b])
+    assert shuffled.mean == by_script.mean and shuffled.std == by_script.std
+    heldout_scripts = set(G.SCRIPT_SPLITS["val"]) | set(G.SCRIPT_SPLITS["test"])
+    for split in ("val", "test"):
+        assert {script_of(n) for n in names[split]} <= heldout_scripts
+    assert not set(names["val"]) & set(names["test"]) and not (set(names["val"]) | set(names["test"])) & set(names["train"])
+    # a draw from one pool: meta-val holds classes of the script split's test scripts and vice versa
+    assert {script_of(n) for n in names["val"]} & set(G.SCRIPT_SPLITS["test"])
+    assert {script_of(n) for n in names["test"]} & set(G.SCRIPT_SPLITS["val"])
+    assert shuffled.meta["heldout"] == "shuffled" and shuffled.hash != by_script.hash
+    # the default keeps the recipe (and so the hashes) of datasets built before the option existed
+    assert "heldout" not in G.GlyphsDataset(**kw).params() and G.GlyphsDataset(**kw, heldout="shuffled").params()["heldout"] == "shuffled"
+    with pytest.raises(DatasetError, match="needs classes_per_split"):
+        G.GlyphsDataset(heldout="shuffled")
+    with pytest.raises(DatasetError, match="unknown heldout mode"):
+        G.GlyphsDataset(classes_per_split=counts, heldout="by-class")
+    with pytest.raises(DatasetError, match="held-out"):
+        G.GlyphsDataset(images_per_class=2, classes_per_split={"train": 12, "val": 400, "test": 100}, heldout="shuffled").generate(seed=0)
+
+
+def test_glyphs_fs_natural_shuffled_is_the_registered_cpu_proxy():
+    from dfml_bench.registry import load_group
+    from dfml_bench.suites import common
+
+    builder = G.GlyphsFSNaturalShuffled()
+    assert (builder.name, builder.style, builder.heldout, builder.classes_per_split) == (
+        "glyphs-fs-natural-shuffled", "natural", "shuffled", G.CIFAR_FS_CLASSES)
+    assert common.CPU_PROXY_DATASET == "glyphs-fs-natural-shuffled"
+    entry = load_group("dfml_bench.datasets").get("glyphs-fs-natural-shuffled")
+    if entry is None:
+        pytest.skip("dfml-bench is not installed, so its entry points are not visible")
+    assert entry.error is None and entry.obj is G.GlyphsFSNaturalShuffled

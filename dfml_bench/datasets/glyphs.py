@@ -127,6 +127,9 @@ SCRIPT_SPLITS: dict[str, tuple[str, ...]] = {
 # Two disjoint script groups, each with its own train/val/test scripts, for a multi-domain pool of
 # two glyph domains (e.g. group "a" in style "default" and group "b" in style "outline"), under the
 # split above: "a" 653 / 131 / 156 classes, "b" 158 / 67 / 92.
+# How held-out classes are split between meta-val and meta-test (GlyphsDataset's ``heldout``).
+HELDOUT_MODES = ("script", "shuffled")
+
 SCRIPT_GROUPS: dict[str, tuple[str, ...]] = {
     "a": ("latin", "canadian_syllabics", "georgian", "hebrew", "braille", "lao"),
     "b": ("cyrillic", "lisu", "coptic", "greek", "old_italic", "armenian", "arabic"),
@@ -635,7 +638,11 @@ class GlyphsDataset:
     "natural-outline": like "outline" with the class's own colours, gradient direction and faint ground
     stripes, the second domain of ``glyphs-fs-multidomain-natural``); ``script_splits``: a different
     assignment of scripts to train/val/test (default :data:`SCRIPT_SPLITS`); ``name``: the dataset's
-    name (default "glyphs", or "glyphs-<style>" for a non-default style).
+    name (default "glyphs", or "glyphs-<style>" for a non-default style); ``heldout``: how held-out
+    classes are split (:data:`HELDOUT_MODES`: "script", meta-val and meta-test are the classes of their
+    own scripts, as Omniglot splits alphabets; "shuffled", meta-val and meta-test are drawn at random
+    from one pool of the held-out scripts' classes, as CIFAR-FS splits its classes, so the two are
+    exchangeable; needs ``classes_per_split``).
     """
 
     name = "glyphs"
@@ -651,6 +658,7 @@ class GlyphsDataset:
         name: str | None = None,
         batch_images: int = 512,
         classes_per_split: dict[str, int] | None = None,
+        heldout: str = "script",
     ) -> None:
         self.images_per_class = _validate_int("images_per_class", images_per_class, 1, 100_000)
         self.size = _validate_int("size", size, 8, 256)
@@ -673,6 +681,12 @@ class GlyphsDataset:
             self.scripts = tuple(s for s in SCRIPT_NAMES if s in scripts)  # canonical order
         self.script_splits = self._validate_splits(script_splits if script_splits is not None else SCRIPT_SPLITS)
         self.classes_per_split = self._validate_class_counts(classes_per_split)
+        if heldout not in HELDOUT_MODES:
+            raise DatasetError(f"glyphs: unknown heldout mode {heldout!r}; choose one of {', '.join(HELDOUT_MODES)}")
+        if heldout == "shuffled" and self.classes_per_split is None:
+            raise DatasetError("glyphs: heldout='shuffled' draws meta-val and meta-test from one pool and needs "
+                               "classes_per_split (e.g. {'train': 64, 'val': 16, 'test': 20})")
+        self.heldout = heldout
         if name is None:
             name = "glyphs" if style == "default" else f"glyphs-{style}"
         if not isinstance(name, str) or not name.strip():
@@ -722,6 +736,8 @@ class GlyphsDataset:
             "style": self.style,
             "script_splits": {k: list(v) for k, v in self.script_splits.items()},
             **({"classes_per_split": dict(self.classes_per_split)} if self.classes_per_split else {}),
+            # only when not the default, so the datasets built before the option keep their hashes
+            **({"heldout": self.heldout} if self.heldout != "script" else {}),
         }
 
     def recipe(self, seed: int, fonts: Sequence[FontFile] | None = None) -> dict:
@@ -816,8 +832,11 @@ class GlyphsDataset:
         variants, offsets, counts = _class_variants(fonts, res)
 
         chosen = [i for i, c in enumerate(cat.classes) if c.script in self.scripts]
+        split_by_script = {s: split for split, names in self.script_splits.items() for s in names}
+        split_of_index = {i: split_by_script[cat.classes[i].script] for i in chosen}
         if self.classes_per_split is not None:
-            chosen = select_classes(cat.classes, chosen, self.script_splits, self.classes_per_split)
+            split_of_index = select_classes(cat.classes, chosen, self.script_splits, self.classes_per_split, self.heldout)
+            chosen = sorted(split_of_index)
         classes = [cat.classes[i] for i in chosen]
         n = self.images_per_class
         images = torch.empty((len(classes) * n, 3, self.size, self.size), dtype=torch.uint8)
@@ -844,8 +863,7 @@ class GlyphsDataset:
             images[block.start * n : block.stop * n] = out
         labels = torch.arange(len(classes), dtype=torch.int64).repeat_interleave(n)
         class_names = [c.name for c in classes]
-        split_of = {s: split for split, names in self.script_splits.items() for s in names}
-        splits = {split: [i for i, c in enumerate(classes) if split_of[c.script] == split] for split in SPLITS}
+        splits = {split: [i for i, k in enumerate(chosen) if split_of_index[k] == split] for split in SPLITS}
         train = set(splits["train"])
         runs = [list(g) for _, g in itertools.groupby(range(len(classes)), key=lambda i: i in train)]
         mean, std = channel_stats([images[r[0] * n : (r[-1] + 1) * n] for r in runs if r[0] in train])
@@ -858,6 +876,7 @@ class GlyphsDataset:
             "recipe_hash": recipe_hash,
             "style": self.style,
             "scripts_per_split": {k: list(v) for k, v in self.script_splits.items()},
+            "heldout": self.heldout,
             "classes_per_script": per_script,
             "classes_per_split": {k: len(v) for k, v in splits.items()},
             "candidates_per_script": dict(cat.n_candidates),
@@ -884,21 +903,39 @@ class GlyphsDataset:
 
 
 def select_classes(catalogue: Sequence[GlyphClass], chosen: Sequence[int], script_splits: dict[str, tuple[str, ...]],
-                   counts: dict[str, int]) -> list[int]:
-    """A fixed subset of the catalogue indices ``chosen``: ``counts[split]`` classes of each split, drawn
-    uniformly (seeded by the generator version only, so the class set never depends on the image seed)
-    and returned in catalogue order. Too few classes in a split is an error, not a smaller split."""
+                   counts: dict[str, int], heldout: str = "script") -> dict[int, str]:
+    """A fixed subset of the catalogue indices ``chosen``, each mapped to its split: ``counts[split]``
+    classes of each split, drawn uniformly (seeded by the generator version only, so the class set never
+    depends on the image seed). Too few classes in a split is an error, not a smaller split.
+
+    ``heldout="script"``: each split's classes come from its own scripts. ``heldout="shuffled"``: the
+    meta-train draw is the same; meta-val and meta-test are one uniform draw of ``counts["val"] +
+    counts["test"]`` classes from the pooled val and test scripts, the first ``counts["val"]`` of the draw
+    going to meta-val: the two splits are exchangeable (as CIFAR-FS's random class split) and both stay
+    unseen in meta-train."""
+    if heldout not in HELDOUT_MODES:
+        raise DatasetError(f"glyphs: unknown heldout mode {heldout!r}; choose one of {', '.join(HELDOUT_MODES)}")
     split_of = {s: split for split, names in script_splits.items() for s in names}
-    out: list[int] = []
-    for split in SPLITS:
-        pool = [i for i in chosen if split_of.get(catalogue[i].script) == split]
-        if counts[split] > len(pool):
-            raise DatasetError(f"glyphs: classes_per_split asks for {counts[split]} meta-{split} classes but the "
-                               f"selected scripts have only {len(pool)}")
-        g = make_generator(derive_seed("glyphs-select", GENERATOR_VERSION, split))
-        pick = torch.randperm(len(pool), generator=g)[: counts[split]].tolist()
-        out.extend(pool[j] for j in pick)
-    return sorted(out)
+
+    def draw(pool: list[int], n: int, what: str, *key: str) -> list[int]:
+        if n > len(pool):
+            raise DatasetError(f"glyphs: classes_per_split asks for {n} {what} classes but the selected scripts have only {len(pool)}")
+        g = make_generator(derive_seed("glyphs-select", GENERATOR_VERSION, *key))
+        return [pool[j] for j in torch.randperm(len(pool), generator=g)[:n].tolist()]
+
+    out: dict[int, str] = {}
+    if heldout == "script":
+        for split in SPLITS:
+            pool = [i for i in chosen if split_of.get(catalogue[i].script) == split]
+            out.update((i, split) for i in draw(pool, counts[split], f"meta-{split}", split))
+        return out
+    pool = [i for i in chosen if split_of.get(catalogue[i].script) == "train"]
+    out.update((i, "train") for i in draw(pool, counts["train"], "meta-train", "train"))
+    pool = [i for i in chosen if split_of.get(catalogue[i].script) in ("val", "test")]
+    pick = draw(pool, counts["val"] + counts["test"], "held-out (meta-val + meta-test)", "heldout-shuffled")
+    out.update((i, "val") for i in pick[: counts["val"]])
+    out.update((i, "test") for i in pick[counts["val"]:])
+    return out
 
 
 class GlyphsFS(GlyphsDataset):
@@ -913,9 +950,10 @@ class GlyphsFS(GlyphsDataset):
     description = "embedded, CIFAR-FS's shape: 64/16/20 glyph classes (by script), 600 images each, 32x32 (the cpu proxy before issue 12's study)"
 
     def __init__(self, images_per_class: int = 600, size: int = 32, style: str = "default",
-                 classes_per_split: dict[str, int] | None = None, name: str | None = None, batch_images: int = 512) -> None:
+                 classes_per_split: dict[str, int] | None = None, name: str | None = None, batch_images: int = 512,
+                 heldout: str = "script") -> None:
         super().__init__(images_per_class=images_per_class, size=size, style=style, batch_images=batch_images,
-                         classes_per_split=classes_per_split or dict(CIFAR_FS_CLASSES),
+                         classes_per_split=classes_per_split or dict(CIFAR_FS_CLASSES), heldout=heldout,
                          name=name or ("glyphs-fs" if style == "default" else f"glyphs-fs-{style}"))
 
 
@@ -936,6 +974,28 @@ class GlyphsFSNatural(GlyphsFS):
 
     def __init__(self, images_per_class: int = 600, size: int = 32, batch_images: int = 512) -> None:
         super().__init__(images_per_class=images_per_class, size=size, style="natural", batch_images=batch_images)
+
+
+class GlyphsFSNaturalShuffled(GlyphsFS):
+    """``glyphs-fs-natural-shuffled``: ``glyphs-fs-natural`` with meta-val and meta-test drawn at random
+    from one pool of the held-out scripts' classes (``heldout="shuffled"``), as CIFAR-FS splits its
+    classes at random, instead of meta-val and meta-test each holding their own scripts.
+
+    Why: on ``glyphs-fs-natural`` meta-val (Greek, Georgian, Old Italic, Hebrew: two of them Latin's
+    relatives, and Latin is in meta-train) promised 0.6-5.7 points more gain than meta-test (Armenian,
+    Arabic, Lao, Braille) showed, for several methods and in every suite, and fresh meta-val episodes kept
+    the gap (``docs/model-selection.md``): checkpoints were chosen on a split that is not a sample of
+    the one they are tested on. Here the two are exchangeable. The meta-train classes and their images
+    are those of ``glyphs-fs-natural`` (same draw, same per-class streams, same normalisation), and
+    every held-out class is still unseen in meta-train."""
+
+    name = "glyphs-fs-natural-shuffled"
+    description = ("the cpu proxy: glyphs-fs-natural with meta-val and meta-test drawn at random from the held-out "
+                   "scripts' classes (exchangeable, as CIFAR-FS), 64/16/20 classes, 600 images each, 32x32")
+
+    def __init__(self, images_per_class: int = 600, size: int = 32, batch_images: int = 512) -> None:
+        super().__init__(images_per_class=images_per_class, size=size, style="natural", batch_images=batch_images,
+                         heldout="shuffled", name="glyphs-fs-natural-shuffled")
 
 
 def _pil_versions() -> dict[str, str]:
