@@ -39,11 +39,13 @@ CANDIDATES = {
     # free: 3x the meta-generator's warm-up (180 generator-only epochs, 240 outer updates in all): on
     # glyphs-fs-natural the teachers label its recovered images as intended only 30 % of the time, flat
     # over its 80 updates
-    "warm3x": {"warmup": 180},
+    # (the free candidates name the settings they were run with: gen_steps 5 and the reference's alignment were
+    # FREE's cpu defaults then; its cpu defaults are now steps20-sgdalign, the "default" candidate)
+    "warm3x": {"warmup": 180, "gen_steps": 5, "align_inner": "adam"},
     # free: 4x the adaptation steps per model (20 instead of 5), alone and with the longer warm-up: is the
     # few-step recovery, rather than the meta-generator's training, what keeps agreement at chance?
-    "steps20": {"gen_steps": 20},
-    "warm3x-steps20": {"warmup": 180, "gen_steps": 20},
+    "steps20": {"gen_steps": 20, "align_inner": "adam"},
+    "warm3x-steps20": {"warmup": 180, "gen_steps": 20, "align_inner": "adam"},
     # free: with 20 steps the teachers agree with its recovered images about as often as with tgr's (0.6), yet
     # meta-val fell in one seed of three where tgr's rises; what is left between them is BELL-align, whose step
     # is the reference's (4 fresh-Adam steps times 67 through the meta-learner's shared Adam). Without it, and

@@ -275,13 +275,19 @@ def test_free_fit_stores_every_models_batch_and_selects_on_val(toy_world):
     assert ref.memory_.n_images() == 2 * 5 * 4  # reference mode: only the last model of each epoch
 
 
-def test_alignment_defaults_to_the_reference_form():
-    """Issue 12: the reference's alignment (fresh Adam inner steps, displacement x 67 through the shared
-    Adam) is the default at both scales; the SGD form with scale 1/(lr*M) stays available."""
-    for scale in ("cpu", "paper"):
-        cfg = FREE().config(scale)
-        assert (cfg["align_inner"], cfg["reptile_scale"], cfg["align_lr"]) == ("adam", 67.0, 1e-3)
-    assert FREE(align_inner="sgd").config("cpu")["reptile_scale"] is None
+def test_alignment_and_recovery_steps_per_scale():
+    """Issue 12: paper scale keeps the reference's alignment (fresh Adam inner steps, displacement x 67
+    through the shared Adam) and 5 adaptation steps; cpu scale uses the SGD form (scale 1/(lr*M)) and 20
+    steps, chosen on meta-val; either form can be asked for at either scale."""
+    cfg = FREE().config("paper")
+    assert (cfg["align_inner"], cfg["reptile_scale"], cfg["align_lr"], cfg["gen_steps"]) == ("adam", 67.0, 1e-3, 5)
+    cfg = FREE().config("cpu")
+    assert (cfg["align_inner"], cfg["reptile_scale"], cfg["gen_steps"]) == ("sgd", None, 20)
+    assert FREE(align_inner="adam").config("cpu")["reptile_scale"] == 67.0
+    assert FREE(align_inner="sgd").config("paper")["reptile_scale"] is None
+    assert FREE(gen_steps=5).config("cpu")["gen_steps"] == 5
+    with pytest.raises(MethodError):
+        FREE(gen_steps=0)
     assert FREE().config("cpu")["per_class"] >= 16  # 1-shot tasks of one model's batch get 15 distinct queries
 
 
