@@ -22,6 +22,7 @@ meta-val. ``--out`` writes the curves as JSON and the table as markdown.
 
     python benchmarks/validate_proxy.py --proxy glyphs-fs --out docs/proxy-validation-glyphs-fs
     python benchmarks/validate_proxy.py --proxy glyphs-fs-natural --teachers 32 --out docs/proxy-validation-glyphs-fs-natural
+    python benchmarks/validate_proxy.py --proxy glyphs-fs-natural-shuffled --teachers 32 --sources inversion,placebo
     python benchmarks/validate_proxy.py --proxy glyphs-811 --teachers 20
     python benchmarks/validate_proxy.py --proxy glyphs-fs-multidomain-natural --teachers 32 --sources inversion,placebo
     python benchmarks/validate_proxy.py --proxy glyphs-fs-multidomain-natural --zoo-models 200 --zoo-jobs 2 --sources inversion,placebo
@@ -59,7 +60,8 @@ EPISODES = EpisodeSpec(ways=5, shots=1, queries=15, n_episodes=600)
 
 def candidates() -> dict[str, Scenario]:
     """The candidate proxies: the CIFAR-FS-shaped ``glyphs-fs`` with its 100-teacher zoo, the same with
-    class-conditional colour and texture (``glyphs-fs-natural``, same zoo recipe), and the earlier cpu
+    class-conditional colour and texture (``glyphs-fs-natural``, same zoo recipe; ``-shuffled``: its
+    held-out classes split between meta-val and meta-test at random), and the earlier cpu
     proxy (all 811 meta-train glyph classes, 60 images each, 20 teachers); and the two multi-domain
     proxies, shape-only ``glyphs-fs-multidomain`` and its class-look candidate ``glyphs-fs-multidomain-natural``."""
     old_zoo = ZooSpec(dataset="glyphs", n_models=20, ways=5, backbones=(common.CONV4,),
@@ -67,8 +69,8 @@ def candidates() -> dict[str, Scenario]:
     return {
         "glyphs-fs": Scenario(name="glyphs-fs-conv4-5w1s", dataset="glyphs-fs", zoo=common.cpu_proxy_zoo(dataset="glyphs-fs"), access="whitebox",
                               episodes=EPISODES),
-        "glyphs-fs-natural": Scenario(name="glyphs-fs-natural-conv4-5w1s", dataset="glyphs-fs-natural",
-                                      zoo=common.cpu_proxy_zoo(dataset="glyphs-fs-natural"), access="whitebox", episodes=EPISODES),
+        **{ds: Scenario(name=f"{ds}-conv4-5w1s", dataset=ds, zoo=common.cpu_proxy_zoo(dataset=ds), access="whitebox", episodes=EPISODES)
+           for ds in ("glyphs-fs-natural", "glyphs-fs-natural-shuffled")},
         # the multi-domain proxies, as the multi-domain suites build them (meta-val pools both domains)
         **{ds: Scenario(name=f"{ds}-conv4-5w1s", dataset=ds, zoo=common.cpu_proxy_zoo(dataset=ds), access="whitebox", episodes=EPISODES)
            for ds in ("glyphs-fs-multidomain", "glyphs-fs-multidomain-natural")},
