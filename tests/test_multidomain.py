@@ -148,3 +148,26 @@ def test_glyphs_fs_multidomain_natural_is_two_looked_domains_in_cifar_fs_shape()
     if entry is None:
         pytest.skip("dfml-bench is not installed, so its entry points are not visible")
     assert entry.error is None and entry.obj is GlyphsFSMultiDomainNatural
+
+
+def test_glyphs_fs_multidomain_natural_shuffled_splits_each_domains_heldout_classes_at_random():
+    from dfml_bench.datasets.multidomain import GlyphsFSMultiDomainNatural, GlyphsFSMultiDomainNaturalShuffled
+
+    parts = GlyphsFSMultiDomainNaturalShuffled().domain_builders()
+    assert [name for name, _ in parts] == ["glyphs-fs-a-natural-shuffled", "glyphs-fs-b-natural-outline-shuffled"]
+    assert all(b.heldout == "shuffled" and b.name == name for name, b in parts)
+    # the script-split pool keeps its domains' names (and so its datasets' hashes and cached zoos)
+    assert all(b.heldout == "script" for _, b in GlyphsFSMultiDomainNatural().domain_builders())
+    # small domains, built for real: each domain's meta-val mixes the scripts the script split keeps for meta-test
+    from dfml_bench.datasets.glyphs import SCRIPT_GROUPS, SCRIPT_SPLITS
+
+    small = GlyphsMultiDomain(styles={"a": "natural", "b": "natural-outline"}, images_per_class=2,
+                              classes_per_split={"train": 10, "val": 8, "test": 10}, heldout="shuffled").load(seed=0)
+    for dom in sorted(set(small.domains.values())):
+        val = [small.class_names[c].split("/", 1)[1] for c in small.splits["val"] if small.domains[c] == dom]
+        test = [small.class_names[c].split("/", 1)[1] for c in small.splits["test"] if small.domains[c] == dom]
+        assert len(val) == 8 and len(test) == 10 and not set(val) & set(test)
+        scripts = {n.split(":")[0] for n in val + test}
+        group = SCRIPT_GROUPS["a" if "-a-" in dom else "b"]
+        assert scripts <= set(group) - set(SCRIPT_SPLITS["train"])
+        assert {n.split(":")[0] for n in val} & set(SCRIPT_SPLITS["test"])

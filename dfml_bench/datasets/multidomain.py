@@ -135,11 +135,12 @@ class GlyphsMultiDomain:
     description = "two glyph domains (disjoint script groups, 'default' vs 'outline' style) pooled, 32x32, per-domain results"
 
     def __init__(self, styles: dict[str, str] | None = None, images_per_class: int = 60, size: int = 32,
-                 classes_per_split: dict[str, int] | None = None) -> None:
+                 classes_per_split: dict[str, int] | None = None, heldout: str = "script") -> None:
         self.styles = dict(styles or {"a": "default", "b": "outline"})
         self.images_per_class = int(images_per_class)
         self.size = int(size)
         self.classes_per_split = classes_per_split
+        self.heldout = heldout  # per domain: how its held-out classes split into meta-val / meta-test (GlyphsDataset)
 
     def domain_builders(self) -> list[tuple[str, object]]:
         from .glyphs import SCRIPT_GROUPS, GlyphsDataset
@@ -148,9 +149,10 @@ class GlyphsMultiDomain:
         if unknown:
             raise DatasetError(f"glyphs-multidomain: unknown script groups {unknown}; groups: {sorted(SCRIPT_GROUPS)}")
         tag = "glyphs-fs" if self.classes_per_split else "glyphs"
-        return [(f"{tag}-{g}-{style}", GlyphsDataset(images_per_class=self.images_per_class, size=self.size,
-                                                    scripts=SCRIPT_GROUPS[g], style=style, name=f"{tag}-{g}-{style}",
-                                                    classes_per_split=self.classes_per_split))
+        tail = "" if self.heldout == "script" else f"-{self.heldout}"
+        return [(f"{tag}-{g}-{style}{tail}", GlyphsDataset(images_per_class=self.images_per_class, size=self.size,
+                                                           scripts=SCRIPT_GROUPS[g], style=style, name=f"{tag}-{g}-{style}{tail}",
+                                                           classes_per_split=self.classes_per_split, heldout=self.heldout))
                 for g, style in self.styles.items()]
 
     def load(self, *, seed: int = 0, data_root: str | None = None, scale: str = "cpu") -> ImageDataset:
@@ -165,10 +167,11 @@ class GlyphsFSMultiDomain(GlyphsMultiDomain):
     name = "glyphs-fs-multidomain"
     description = "two CIFAR-FS-shaped glyph domains (64/16/20 classes x 600 images each) pooled, per-domain results"
 
-    def __init__(self, styles: dict[str, str] | None = None, images_per_class: int = 600, size: int = 32) -> None:
+    def __init__(self, styles: dict[str, str] | None = None, images_per_class: int = 600, size: int = 32,
+                 heldout: str = "script") -> None:
         from .glyphs import CIFAR_FS_CLASSES
 
-        super().__init__(styles, images_per_class, size, classes_per_split=dict(CIFAR_FS_CLASSES))
+        super().__init__(styles, images_per_class, size, classes_per_split=dict(CIFAR_FS_CLASSES), heldout=heldout)
 
 
 class GlyphsFSMultiDomainNatural(GlyphsFSMultiDomain):
@@ -184,5 +187,20 @@ class GlyphsFSMultiDomainNatural(GlyphsFSMultiDomain):
     description = ("two CIFAR-FS-shaped glyph domains with class looks ('natural' vs 'natural-outline'), "
                    "64/16/20 classes x 600 images each, pooled, per-domain results")
 
+    def __init__(self, styles: dict[str, str] | None = None, images_per_class: int = 600, size: int = 32,
+                 heldout: str = "script") -> None:
+        super().__init__(styles or {"a": "natural", "b": "natural-outline"}, images_per_class, size, heldout=heldout)
+
+
+class GlyphsFSMultiDomainNaturalShuffled(GlyphsFSMultiDomainNatural):
+    """``glyphs-fs-multidomain-natural-shuffled``: ``glyphs-fs-multidomain-natural`` whose domains split their
+    held-out classes between meta-val and meta-test at random (``heldout="shuffled"``, as
+    ``glyphs-fs-natural-shuffled``): in each domain meta-val and meta-test are exchangeable, and
+    meta-train is unchanged."""
+
+    name = "glyphs-fs-multidomain-natural-shuffled"
+    description = ("glyphs-fs-multidomain-natural with each domain's meta-val and meta-test drawn at random from its "
+                   "held-out scripts' classes (exchangeable), pooled, per-domain results")
+
     def __init__(self, styles: dict[str, str] | None = None, images_per_class: int = 600, size: int = 32) -> None:
-        super().__init__(styles or {"a": "natural", "b": "natural-outline"}, images_per_class, size)
+        super().__init__(styles, images_per_class, size, heldout="shuffled")
