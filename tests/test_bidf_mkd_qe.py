@@ -35,6 +35,8 @@ def test_defaults_differ_from_bidf_mkd_only_in_the_estimator():
         diff = {k for k in a if a[k] != b[k]}
         assert diff <= {"q", "estimator", "orthogonal"} and a["estimator"] == "subspace" and b["estimator"] == "sphere"
     assert qe._hp("paper")["q"] * 3 <= ref._hp("paper")["q"]  # a third of the reference's directions
+    # every checkpoint is scored on 100 meta-val episodes at both scales (60 at cpu scale overstated its gain)
+    assert ref._hp("cpu")["val_episodes"] == ref._hp("paper")["val_episodes"] == 100
     with pytest.raises(MethodError, match="estimator"):
         get_method("bidf-mkd", {"estimator": "cube"})._hp("cpu")
 
