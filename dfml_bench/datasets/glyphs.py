@@ -124,12 +124,12 @@ SCRIPT_SPLITS: dict[str, tuple[str, ...]] = {
     "test": ("armenian", "arabic", "lao", "braille"),
 }
 
-# Two disjoint script groups, each with its own train/val/test scripts, for a multi-domain pool of
-# two glyph domains (e.g. group "a" in style "default" and group "b" in style "outline"), under the
-# split above: "a" 653 / 131 / 156 classes, "b" 158 / 67 / 92.
 # How held-out classes are split between meta-val and meta-test (GlyphsDataset's ``heldout``).
 HELDOUT_MODES = ("script", "shuffled")
 
+# Two disjoint script groups, each with its own train/val/test scripts, for a multi-domain pool of
+# two glyph domains (e.g. group "a" in style "default" and group "b" in style "outline"), under the
+# split above: "a" 653 / 131 / 156 classes, "b" 158 / 67 / 92.
 SCRIPT_GROUPS: dict[str, tuple[str, ...]] = {
     "a": ("latin", "canadian_syllabics", "georgian", "hebrew", "braille", "lao"),
     "b": ("cyrillic", "lisu", "coptic", "greek", "old_italic", "armenian", "arabic"),
