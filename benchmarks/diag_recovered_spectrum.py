@@ -13,7 +13,7 @@ texture that carries part of a class's look. It reads only records and meta-trai
 episodes. The figure is approximate (it is read back from the saved picture, not from the memory),
 so compare methods with one another rather than trusting the third digit.
 
-    python benchmarks/diag_recovered_spectrum.py results/blackbox-homo-cpu/glyphs-fs-natural-conv4-5w1s \
+    python benchmarks/diag_recovered_spectrum.py results/archive/glyphs-fs-natural-script-split/blackbox-homo-cpu/glyphs-fs-natural-conv4-5w1s \
         --methods bidf-mkd,bidf-mkd-qe,placebo
 """
 

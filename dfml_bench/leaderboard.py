@@ -57,8 +57,9 @@ PROTOCOL = f"""## How this protocol differs from the papers'
   passes: its meta-val and meta-test classes are drawn at random from the held-out scripts, as CIFAR-FS
   splits its classes. Its predecessor `glyphs-fs-natural` (held-out classes split by script) passes
   too, but there meta-val over-promised the test gain of several methods (`docs/model-selection.md`);
-  its tables (scenarios named `glyphs-fs-natural-...`) stay here until every method has its 3 seeds on
-  the shuffled split. The multi-domain suites' `glyphs-fs-multidomain-natural` passes for tasks inside
+  whitebox-homo and blackbox-homo are re-run on the shuffled split (their script-split records are
+  archived); the other suites' tables on it (scenarios named `glyphs-fs-natural-...`) stay here until
+  they are re-run. The multi-domain suites' `glyphs-fs-multidomain-natural` passes for tasks inside
   one domain (tasks that mix its two domains teach little there, which a method replaying such tasks
   pays for).
 - Average ranks across a suite's scenarios share ranks on ties; the Friedman test and Nemenyi's critical
