@@ -13,6 +13,7 @@ from dfml_bench.evaluation import evaluate
 from dfml_bench.methods import MethodContext, Progress
 from dfml_bench.runner import make_apis, make_backbone_factory, scenario_episodes, scenario_init_seed
 from dfml_bench.scenarios import get_suite
+from dfml_bench.threads import fixed_threads
 from dfml_bench.utils import derive_seed, make_generator
 from dfml_bench.zoo import build_zoo
 
@@ -33,7 +34,11 @@ def make_scenario_context(sc, scale: str = "cpu", seed: int = 0, method: str = "
     """(context, dataset, zoo, test episodes, scenario) for the scenario ``sc``, as run_one builds them."""
     dev = torch.device(device)
     ds = load_dataset(sc.dataset, seed=sc.dataset_seed, scale=scale)
-    zoo = build_zoo(sc.zoo, ds, device=dev, progress=False, log=None)
+    # with the protocol's thread count, whatever the script runs with: the zoo folder is named by the spec
+    # and the dataset, not the thread count, so a zoo a script trained with 2 threads would be taken by
+    # the suites for theirs (its teachers differ: the glyphs-fs-natural zoo of the script-split records was)
+    with fixed_threads():
+        zoo = build_zoo(sc.zoo, ds, device=dev, progress=False, log=None)
     test_eps, val_eps = scenario_episodes(sc, ds, seed, None)
     wb = None
     if sc.access == "whitebox":

@@ -53,3 +53,29 @@ def test_markdown_lists_each_domains_curve_under_its_source(study):
 def test_zoo_models_must_be_positive(study):
     with pytest.raises(SystemExit):
         study.main(["--proxy", "glyphs-fs", "--zoo-models", "0", "--sources", ""])
+
+
+def test_benchmark_contexts_build_the_zoo_with_the_protocols_thread_count(monkeypatch):
+    """A benchmark script running with 2 torch threads must not train the suites' zoo with 2: the zoo
+    folder does not name the thread count, and a zoo trained with another count has other teachers."""
+    ctx_mod = load_benchmark("_context")
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_build(*a, **k):
+        seen.append(torch.get_num_threads())
+        raise Stop
+
+    monkeypatch.setattr(ctx_mod, "build_zoo", fake_build)
+    monkeypatch.setattr(ctx_mod, "load_dataset", lambda *a, **k: None)
+    sc = SimpleNamespace(dataset="x", dataset_seed=0, zoo=None)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(Stop):
+            ctx_mod.make_scenario_context(sc, "cpu", 0)
+        assert seen == [1] and torch.get_num_threads() == 2  # built with 1, the caller's count restored
+    finally:
+        torch.set_num_threads(before)
