@@ -69,11 +69,9 @@ def candidates() -> dict[str, Scenario]:
     return {
         "glyphs-fs": Scenario(name="glyphs-fs-conv4-5w1s", dataset="glyphs-fs", zoo=common.cpu_proxy_zoo(dataset="glyphs-fs"), access="whitebox",
                               episodes=EPISODES),
+        # (the multi-domain proxies as the multi-domain suites build them: meta-val pools both domains)
         **{ds: Scenario(name=f"{ds}-conv4-5w1s", dataset=ds, zoo=common.cpu_proxy_zoo(dataset=ds), access="whitebox", episodes=EPISODES)
-           for ds in ("glyphs-fs-natural", "glyphs-fs-natural-shuffled")},
-        # the multi-domain proxies, as the multi-domain suites build them (meta-val pools both domains)
-        **{ds: Scenario(name=f"{ds}-conv4-5w1s", dataset=ds, zoo=common.cpu_proxy_zoo(dataset=ds), access="whitebox", episodes=EPISODES)
-           for ds in ("glyphs-fs-multidomain", "glyphs-fs-multidomain-natural")},
+           for ds in ("glyphs-fs-natural", "glyphs-fs-natural-shuffled", "glyphs-fs-multidomain", "glyphs-fs-multidomain-natural")},
         "glyphs-811": Scenario(name="glyphs-conv4-5w1s", dataset="glyphs", zoo=old_zoo, access="whitebox", episodes=EPISODES),
     }
 
@@ -219,9 +217,10 @@ def main(argv: list[str] | None = None) -> dict:
         from dfml_bench.datasets import load_dataset
         from dfml_bench.zoo import build_zoo
 
-        torch.set_num_threads(1)  # as `dfml-bench zoo build` (default --threads 1): the same model files as the suites'
-        build_zoo(sc.zoo, load_dataset(sc.dataset, seed=sc.dataset_seed, scale="cpu"), progress=False, log=print, workers=args.zoo_jobs)
-        torch.set_num_threads(args.threads)
+        from dfml_bench.threads import fixed_threads
+
+        with fixed_threads():  # as `dfml-bench zoo build` (default --threads 1): the same model files as the suites'
+            build_zoo(sc.zoo, load_dataset(sc.dataset, seed=sc.dataset_seed, scale="cpu"), progress=False, log=print, workers=args.zoo_jobs)
     ctx, ds, zoo, _test, _ = make_scenario_context(sc, "cpu", args.seed, method="proxy-study", log=None)
     teachers = ctx.whitebox()[: args.teachers]
     args.model_sha = {e.index: e.sha256 for e in zoo.entries}  # each bank's model file, checked against cached banks

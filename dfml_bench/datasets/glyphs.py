@@ -832,11 +832,12 @@ class GlyphsDataset:
         variants, offsets, counts = _class_variants(fonts, res)
 
         chosen = [i for i, c in enumerate(cat.classes) if c.script in self.scripts]
-        split_by_script = {s: split for split, names in self.script_splits.items() for s in names}
-        split_of_index = {i: split_by_script[cat.classes[i].script] for i in chosen}
         if self.classes_per_split is not None:
             split_of_index = select_classes(cat.classes, chosen, self.script_splits, self.classes_per_split, self.heldout)
             chosen = sorted(split_of_index)
+        else:
+            split_by_script = {s: split for split, names in self.script_splits.items() for s in names}
+            split_of_index = {i: split_by_script[cat.classes[i].script] for i in chosen}
         classes = [cat.classes[i] for i in chosen]
         n = self.images_per_class
         images = torch.empty((len(classes) * n, 3, self.size, self.size), dtype=torch.uint8)
