@@ -34,9 +34,9 @@ def make_scenario_context(sc, scale: str = "cpu", seed: int = 0, method: str = "
     """(context, dataset, zoo, test episodes, scenario) for the scenario ``sc``, as run_one builds them."""
     dev = torch.device(device)
     ds = load_dataset(sc.dataset, seed=sc.dataset_seed, scale=scale)
-    # with the protocol's thread count, whatever the script runs with: the zoo folder is named by the spec
-    # and the dataset, not the thread count, so a zoo a script trained with 2 threads would be taken by
-    # the suites for theirs (its teachers differ: the glyphs-fs-natural zoo of the script-split records was)
+    # with the protocol's thread count, whatever the script runs with: the suites' own zoo, not one of
+    # its own (the thread count is part of a zoo's identity; before it was, a zoo a script trained with 2
+    # threads was taken by the suites for theirs: the glyphs-fs-natural zoo of the script-split records)
     with fixed_threads():
         zoo = build_zoo(sc.zoo, ds, device=dev, progress=False, log=None)
     test_eps, val_eps = scenario_episodes(sc, ds, seed, None)

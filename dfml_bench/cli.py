@@ -173,7 +173,7 @@ def run(suite_name, scale, methods, seeds, scenarios, episodes, device, out, dat
                      plugins=tuple(plugins), threads=threads, fit_timeout=fit_timeout,
                      fit_memory_gb=fit_memory_gb)
     if plan_only:
-        click.echo(format_plan(plan, plan_states(out, plan, check_zoo=True, data_root=ctx.data_root)))
+        click.echo(format_plan(plan, plan_states(out, plan, check_zoo=True, data_root=ctx.data_root, threads=ctx.threads)))
         return
     states = runner.launch(plan, ctx)
     if no_wait:
@@ -541,7 +541,9 @@ def zoo_build(suite_name, scale, scenario, device, data_root, threads, n_jobs) -
 @click.option("--scale", type=click.Choice(["cpu", "paper"]), default="cpu", show_default=True)
 @click.option("--scenario")
 @click.option("--data-root", type=click.Path(path_type=Path))
-def zoo_show(suite_name, scale, scenario, data_root) -> None:
+@click.option("--threads", type=click.IntRange(min=1), default=PROTOCOL_THREADS, show_default=True,
+              help="show the zoos built with this torch thread count (as `zoo build --threads`)")
+def zoo_show(suite_name, scale, scenario, data_root, threads) -> None:
     """Show the zoos of a suite: built or not, models, held-out accuracies."""
     from tabulate import tabulate
 
@@ -551,9 +553,10 @@ def zoo_show(suite_name, scale, scenario, data_root) -> None:
     try:
         for s in _zoo_specs(suite_name, scale, scenario):
             ds = load_dataset(s.dataset, seed=s.dataset_seed, data_root=str(data_root) if data_root else None, scale=scale)
-            z = load_zoo(s.zoo, ds)
+            z = load_zoo(s.zoo, ds, threads=threads)
             if z is None:
-                click.echo(f"{zoo_dir(s.zoo, ds)}: not built (or incomplete); run `dfml-bench zoo build --suite {suite_name}`")
+                click.echo(f"{zoo_dir(s.zoo, ds, threads=threads)}: not built (or incomplete); run `dfml-bench zoo build "
+                           f"--suite {suite_name}{'' if threads == PROTOCOL_THREADS else f' --threads {threads}'}`")
                 continue
             click.echo(_zoo_line(z))
             rows = [[e.index, e.arch, e.width, ",".join(map(str, e.classes)), f"{e.heldout_acc:.3f}", e.sha256[:12]] for e in z.entries]
@@ -564,8 +567,9 @@ def zoo_show(suite_name, scale, scenario, data_root) -> None:
 
 def _zoo_line(z) -> str:
     s = z.summary()
+    threads = ",".join(str(t) if t else "unrecorded" for t in s["torch_threads"])
     return (f"zoo {z.path}: {s['n_models']} models {s['archs']}, held-out acc mean {s['mean_heldout_acc']:.3f} "
-            f"(min {s['min_heldout_acc']:.3f})")
+            f"(min {s['min_heldout_acc']:.3f}), trained with {threads} torch thread(s), weights {s['weights_hash'][:12]}")
 
 
 if __name__ == "__main__":  # pragma: no cover

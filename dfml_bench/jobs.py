@@ -326,18 +326,20 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def zoo_done(job: Job, data_root: str | None = None) -> bool:
-    """A zoo job is done when its zoo is completely built and verified (loads the dataset)."""
+def zoo_done(job: Job, data_root: str | None = None, threads: int = PROTOCOL_THREADS) -> bool:
+    """A zoo job is done when its zoo (the one trained with ``threads`` torch threads, as the run's jobs
+    will use) is completely built and verified (loads the dataset)."""
     from .datasets import load_dataset
     from .scenarios import get_suite
     from .zoo import load_zoo
 
     sc = get_suite(job.suite, job.scale).scenario(job.scenario)
     ds = load_dataset(sc.dataset, seed=sc.dataset_seed, data_root=data_root, scale=job.scale)
-    return load_zoo(sc.zoo, ds) is not None
+    return load_zoo(sc.zoo, ds, threads=threads) is not None
 
 
-def job_state(out: str | Path, job: Job, *, check_zoo: bool = False, data_root: str | None = None) -> tuple[str, str]:
+def job_state(out: str | Path, job: Job, *, check_zoo: bool = False, data_root: str | None = None,
+              threads: int = PROTOCOL_THREADS) -> tuple[str, str]:
     """(state, reason) of one job. Run jobs: the record is the truth (ok/skipped = done, failed =
     failed); without a record, the status file says running (a live or remote worker), or failed
     (the worker died or was cancelled). Zoo jobs: the status file, or, with ``check_zoo``, the zoo
@@ -357,7 +359,7 @@ def job_state(out: str | Path, job: Job, *, check_zoo: bool = False, data_root: 
     if job.kind == "zoo":
         if check_zoo:
             try:
-                if zoo_done(job, data_root):
+                if zoo_done(job, data_root, threads):
                     return "done", "zoo built and verified"
             except Exception as exc:
                 return "pending", f"cannot check zoo: {exc}"
@@ -383,7 +385,8 @@ def job_state(out: str | Path, job: Job, *, check_zoo: bool = False, data_root: 
     return (st["state"] if st["state"] in STATES else "pending"), st.get("error") or st.get("note") or ""
 
 
-def plan_states(out: str | Path, plan: Plan, *, check_zoo: bool = False, data_root: str | None = None) -> dict[str, tuple[str, str]]:
+def plan_states(out: str | Path, plan: Plan, *, check_zoo: bool = False, data_root: str | None = None,
+                threads: int = PROTOCOL_THREADS) -> dict[str, tuple[str, str]]:
     """State and reason of every job of ``plan``; pending jobs whose dependencies are not done say so."""
     states = {j.id: job_state(out, j, check_zoo=check_zoo, data_root=data_root) for j in plan.run_jobs}
     for j in plan.zoo_jobs:
@@ -393,7 +396,7 @@ def plan_states(out: str | Path, plan: Plan, *, check_zoo: bool = False, data_ro
             if users and all(states[r.id][0] == "done" for r in users):
                 states[j.id] = ("done", "not needed: every job that uses this zoo is done")
             elif check_zoo:
-                states[j.id] = job_state(out, j, check_zoo=True, data_root=data_root)
+                states[j.id] = job_state(out, j, check_zoo=True, data_root=data_root, threads=threads)
     states = {j.id: states[j.id] for j in plan.jobs}
     for j in plan.jobs:
         if states[j.id][0] == "pending":

@@ -130,7 +130,7 @@ def _with_plugins(ctx: JobContext, plugins: tuple[str, ...] | None) -> JobContex
 def _todo(plan: Plan, ctx: JobContext, check_zoo: bool = False) -> tuple[list[Job], dict[str, tuple[str, str]]]:
     """Jobs still to run (run jobs without a finished record, and the zoo jobs they need; with
     ``check_zoo``, zoos already built and verified in the cache are not jobs)."""
-    states = plan_states(ctx.out, plan, check_zoo=check_zoo, data_root=ctx.data_root)
+    states = plan_states(ctx.out, plan, check_zoo=check_zoo, data_root=ctx.data_root, threads=ctx.threads)
     runs = [j for j in plan.run_jobs if states[j.id][0] != "done"]
     needed = {d for j in runs for d in j.deps}
     zoos = [j for j in plan.zoo_jobs if j.id in needed and states[j.id][0] != "done"]

@@ -253,7 +253,8 @@ def _run_one(suite: Suite, scenario: Scenario, method_name: str, seed: int, opts
             record.status, record.error = "skipped", str(exc)
             write_record(opts.out, record)
             return record
-        record.hashes = {"dataset": dataset.hash, "zoo": zoo.hash, "test_episodes": test_eps.hash, "val_episodes": val_eps.hash}
+        record.hashes = {"dataset": dataset.hash, "zoo": zoo.hash, "zoo_weights": zoo.weights_hash,
+                         "test_episodes": test_eps.hash, "val_episodes": val_eps.hash}
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         stage("fit")

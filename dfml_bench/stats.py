@@ -30,6 +30,7 @@ from scipy import stats as sps
 from .results import ResultRecord
 
 HASH_KEYS = ("test_episodes", "dataset", "zoo")
+OPTIONAL_HASH_KEYS = ("zoo_weights",)  # compared where both records have it (older records lack it)
 RULES = ("both", "wilcoxon", "ttest")
 
 
@@ -176,12 +177,12 @@ def check_comparable(records: Iterable[ResultRecord]) -> None:
         seen[ident] = r
         slot = (k.suite, k.scale, k.scenario, k.seed)
         ref = first.setdefault(slot, r)
-        for h in HASH_KEYS:
+        for h in HASH_KEYS + tuple(h for h in OPTIONAL_HASH_KEYS if h in ref.hashes and h in r.hashes):
             if ref.hashes.get(h) != r.hashes.get(h):
                 raise EpisodeMismatchError(
                     f"refusing to compare {_label(ref)} with {_label(r)}: their {h} hashes differ "
                     f"({str(ref.hashes.get(h))[:12]} vs {str(r.hashes.get(h))[:12]}), so they were not evaluated on the "
-                    f"same {'test episodes' if h == 'test_episodes' else h}. Re-run one of them with the suite's "
+                    f"same {dict(test_episodes='test episodes', zoo_weights='zoo weights').get(h, h)}. Re-run one of them with the suite's "
                     f"standard settings (no --episodes override, same dataset and zoo) so the comparison is paired.")
         if len(ref.per_episode) != len(r.per_episode):
             raise EpisodeMismatchError(

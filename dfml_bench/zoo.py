@@ -4,8 +4,15 @@ Each model is trained on ``ways`` classes sampled from meta-train (class sets of
 overlap, as in the literature), with an 80/20 train / held-out split of those classes' images. The
 checkpoint kept is a real copy of the best held-out weights (the reference code keeps an alias of the
 last epoch by mistake). A zoo lives under ``$DFML_BENCH_HOME/zoos/<spec hash>/`` with one file per model
-and ``manifest.json`` (class ids, architecture, seed, held-out accuracy, sha256 of the file). A file
-whose sha256 does not match its manifest entry (truncated, tampered) is rebuilt, never loaded.
+and ``manifest.json`` (class ids, architecture, seed, held-out accuracy, sha256 of the file, the torch
+thread count it was trained with). A file whose sha256 does not match its manifest entry (truncated,
+tampered) is rebuilt, never loaded.
+
+The thread count is part of a zoo's identity: CPU kernels sum in a thread-count-dependent order, so a
+model trained with 2 threads is not the one trained with 1 (see :mod:`dfml_bench.threads`). A zoo built
+with the protocol's count (:data:`~dfml_bench.threads.PROTOCOL_THREADS`) keeps the hash it always had;
+any other count gets its own hash and folder, so a benchmark script run with ``--threads 2`` can no
+longer leave a zoo that a suite then takes for its own.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from torch import nn
 from .backbones import BackboneSpec, build_backbone
 from .datasets.base import ImageDataset
 from .paths import home
+from .threads import PROTOCOL_THREADS, check_threads
 from .utils import atomic_torch_save, atomic_write_json, derive_seed, make_generator, seeded_torch, sha256_file, sha256_json
 
 ZOO_FORMAT = 2  # 2: models trained in channels-last layout on CPU (other rounding than format 1's NCHW)
@@ -103,6 +111,7 @@ class ZooEntry:
     sha256: str
     train_seconds: float
     domain: str = ""
+    torch_threads: int = 0  # the intra-op thread count it was trained with (0: built before this was recorded)
 
 
 @dataclass
@@ -131,10 +140,19 @@ class Zoo:
         model.load_state_dict(state["state_dict"])
         return model.to(device).eval()
 
+    @property
+    def weights_hash(self) -> str:
+        """Hash of the model files themselves (their sha256s in index order). ``hash`` names the spec and
+        dataset a zoo was built from; this names the weights a result was computed with, so two records
+        that used different weights for one spec (another machine's kernels, a legacy cache) tell apart."""
+        return sha256_json([e.sha256 for e in self.entries])
+
     def summary(self) -> dict:
         accs = [e.heldout_acc for e in self.entries]
         return {
             "hash": self.hash,
+            "weights_hash": self.weights_hash,
+            "torch_threads": sorted({e.torch_threads for e in self.entries}),
             "path": str(self.path),
             "n_models": len(self.entries),
             "archs": sorted({e.arch for e in self.entries}),
@@ -148,15 +166,26 @@ class ZooCorrupted(RuntimeError):
     pass
 
 
-def zoo_hash(spec: ZooSpec, dataset: ImageDataset) -> str:
+def build_threads(threads: int | None = None) -> int:
+    """The thread count a zoo is built (and identified) with: ``threads``, or torch's current count."""
+    return check_threads(torch.get_num_threads() if threads is None else threads)
+
+
+def zoo_hash(spec: ZooSpec, dataset: ImageDataset, threads: int | None = None) -> str:
+    """Identity of the zoo of ``spec`` on ``dataset`` trained with ``threads`` torch threads (default: the
+    current count). The protocol's count is left out of the hash, so zoos built before the count was part
+    of the identity keep their hash."""
     parts = {"format": ZOO_FORMAT, "spec": spec.to_dict(), "dataset": dataset.hash}
     if dataset.domains:
         parts["class_draw"] = "per-domain"
+    n = build_threads(threads)
+    if n != PROTOCOL_THREADS:
+        parts["torch_threads"] = n
     return sha256_json(parts)
 
 
-def zoo_dir(spec: ZooSpec, dataset: ImageDataset, root: Path | None = None) -> Path:
-    return (root or home() / "zoos") / f"{spec.dataset}-{zoo_hash(spec, dataset)[:16]}"
+def zoo_dir(spec: ZooSpec, dataset: ImageDataset, root: Path | None = None, threads: int | None = None) -> Path:
+    return (root or home() / "zoos") / f"{spec.dataset}-{zoo_hash(spec, dataset, threads)[:16]}"
 
 
 def _make_model(bb: BackboneSpec, ways: int, dataset: ImageDataset) -> nn.Module:
@@ -283,7 +312,8 @@ def manifest_problem(manifest: object, h: str) -> str | None:
     return None
 
 
-def entry_problem(spec: ZooSpec, dataset: ImageDataset, path: Path, i: int, entry: object) -> str | None:
+def entry_problem(spec: ZooSpec, dataset: ImageDataset, path: Path, i: int, entry: object,
+                  threads: int | None = None) -> str | None:
     """Why manifest entry ``i`` must not be used (None: it is valid). Checked against the schema, against
     what the spec says model ``i`` is (its deterministic class draw, architecture and width) and against
     its file (sha256). An entry edited by hand, e.g. another ``classes`` list, is corruption: the model is
@@ -296,6 +326,11 @@ def entry_problem(spec: ZooSpec, dataset: ImageDataset, path: Path, i: int, entr
             return f"field {k!r} is missing or not {t.__name__ if isinstance(t, type) else 'a number'}"
     if entry["index"] != i:
         return f"index {entry['index']} under key {i}"
+    n, recorded = build_threads(threads), entry.get("torch_threads", 0)
+    if not isinstance(recorded, int) or isinstance(recorded, bool) or recorded < 0:
+        return f"field 'torch_threads' is {recorded!r}, not a thread count"
+    if recorded and recorded != n:
+        return f"trained with {recorded} torch threads, but this zoo is the one trained with {n}"
     if Path(entry["file"]).name != entry["file"] or entry["file"] in ("", ".", ".."):
         return f"file {entry['file']!r} is not a plain file name inside the zoo folder"
     bb = spec.backbone_for(i)
@@ -341,14 +376,17 @@ def build_zoo(
 ) -> Zoo:
     """Build (or complete, or repair) the zoo of ``spec`` and return it. Valid models are reused;
     missing, truncated or tampered ones are (re)trained; training is deterministic, so a rebuilt model
-    is the one that was lost. ``workers`` > 1 trains that many models at once in child processes (CPU
-    only), each with this process's torch thread count, so the files are bit for bit the serial build's."""
+    is the one that was lost. Models are trained with torch's current thread count, which is part of
+    the zoo's identity (:func:`zoo_hash`). ``workers`` > 1 trains that many models at once in child
+    processes (CPU only), each with this process's torch thread count, so the files are bit for bit the
+    serial build's."""
     from filelock import FileLock
     from tqdm.auto import tqdm
 
-    path = zoo_dir(spec, dataset, root)
+    threads = build_threads()
+    path = zoo_dir(spec, dataset, root, threads)
     path.mkdir(parents=True, exist_ok=True)
-    h = zoo_hash(spec, dataset)
+    h = zoo_hash(spec, dataset, threads)
     with FileLock(str(path / ".lock")):
         manifest = _read_manifest(path)
         bad = manifest_problem(manifest, h) if manifest is not None else None
@@ -357,7 +395,7 @@ def build_zoo(
                 log(f"zoo {path.name}: {bad}; starting a new manifest (valid model files are re-verified as they are rebuilt)")
             manifest = {"hash": h, "format": ZOO_FORMAT, "spec": spec.to_dict(), "dataset_hash": dataset.hash, "models": {}}
         models = manifest["models"]
-        problems = {i: entry_problem(spec, dataset, path, i, models[str(i)]) if str(i) in models else "not built"
+        problems = {i: entry_problem(spec, dataset, path, i, models[str(i)], threads) if str(i) in models else "not built"
                     for i in range(spec.n_models)}
         todo = [i for i, p in problems.items() if p]
         bar = tqdm(total=spec.n_models, initial=spec.n_models - len(todo), desc=f"zoo {path.name}", disable=not progress or not todo, leave=False)
@@ -371,7 +409,7 @@ def build_zoo(
             models[str(i)] = asdict(ZooEntry(
                 index=i, arch=bb.arch, width=bb.width, classes=classes, seed=derive_seed("zoo-model", spec.seed, i),
                 heldout_acc=acc, best_epoch=best_epoch, file=fname, sha256=sha256_file(path / fname),
-                train_seconds=seconds, domain=dataset.domain_of(classes[0]),
+                train_seconds=seconds, domain=dataset.domain_of(classes[0]), torch_threads=threads,
             ))
             atomic_write_json(path / "manifest.json", manifest)  # after every model: a killed build resumes
             bar.set_postfix_str(f"{bb.arch} held-out {acc:.2f}")
@@ -432,13 +470,14 @@ def _child_train(spec: ZooSpec, i: int) -> tuple[tuple[dict, list[int], float, i
     return result, time.perf_counter() - t0
 
 
-def load_zoo(spec: ZooSpec, dataset: ImageDataset, *, root: Path | None = None) -> Zoo | None:
-    """The zoo of ``spec`` if it is completely built and every file matches its sha256, else None."""
-    path = zoo_dir(spec, dataset, root)
+def load_zoo(spec: ZooSpec, dataset: ImageDataset, *, root: Path | None = None, threads: int | None = None) -> Zoo | None:
+    """The zoo of ``spec`` trained with ``threads`` torch threads (default: the current count) if it is
+    completely built and every file matches its sha256, else None."""
+    path = zoo_dir(spec, dataset, root, threads)
     manifest = _read_manifest(path)
-    if manifest is None or manifest_problem(manifest, zoo_hash(spec, dataset)):
+    if manifest is None or manifest_problem(manifest, zoo_hash(spec, dataset, threads)):
         return None
     models = manifest["models"]
-    if any(str(i) not in models or entry_problem(spec, dataset, path, i, models[str(i)]) for i in range(spec.n_models)):
+    if any(str(i) not in models or entry_problem(spec, dataset, path, i, models[str(i)], threads) for i in range(spec.n_models)):
         return None
     return Zoo(spec, path, manifest["hash"], [ZooEntry(**models[str(i)]) for i in range(spec.n_models)], dataset)

@@ -28,13 +28,15 @@ def test_records_are_complete(first_run):
     for r in ok:
         assert len(r.per_episode) == 20
         assert r.accuracy["mean"] == pytest.approx(sum(r.per_episode) / 20, abs=1e-6)
-        assert set(r.hashes) >= {"dataset", "zoo", "test_episodes", "val_episodes"}
+        assert set(r.hashes) >= {"dataset", "zoo", "zoo_weights", "test_episodes", "val_episodes"}
         assert r.versions["torch"] and r.resources["device"] == "cpu" and r.timing["fit_seconds"] >= 0
         assert r.seeds["run"] == 0
     assert by[("wb", "oracle")].flags["not_data_free"] is True
     assert by[("wb", "random")].flags["not_data_free"] is False
     # every method of a scenario is scored on the very same episodes
     assert len({r.hashes["test_episodes"] for r in ok if r.key.scenario == "wb"}) == 1
+    # and with the very same zoo weights (the files' hash, besides the spec's), recorded for every method
+    assert len({(r.hashes["zoo"], r.hashes["zoo_weights"]) for r in ok if r.key.scenario == "wb"}) == 1
     assert len(list(iter_records(out))) == 6
 
 

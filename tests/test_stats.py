@@ -150,6 +150,18 @@ def test_refuses_records_with_different_episode_hashes():
         check_comparable([rec("a", [0.2]), rec("a", [0.3])])
 
 
+def test_refuses_records_made_with_other_zoo_weights():
+    """Same zoo spec, other weights (e.g. a zoo trained with another thread count): not paired. Records
+    made before the weights hash existed lack it and are compared on the spec hash alone."""
+    a, b, old = rec("a", [0.2, 0.4]), rec("b", [0.2, 0.6]), rec("c", [0.4, 0.4])
+    a.hashes["zoo_weights"], b.hashes["zoo_weights"] = "w" * 64, "v" * 64
+    with pytest.raises(EpisodeMismatchError, match="zoo_weights hashes differ.*same zoo weights"):
+        check_comparable([a, b])
+    check_comparable([a, old])
+    b.hashes["zoo_weights"] = "w" * 64
+    check_comparable([a, b, old])
+
+
 def test_nemenyi_q_matches_demsar_table():
     # Demšar (2006), Table 5(a), alpha = 0.05
     for k, q in [(2, 1.960), (3, 2.343), (4, 2.569), (5, 2.728), (6, 2.850), (10, 3.164)]:
