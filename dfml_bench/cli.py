@@ -273,26 +273,30 @@ def ablate(suite_name, method, switches, scale, seeds, overrides, episodes, devi
 @click.option("--suite", "suite_name", help="only this suite")
 @click.option("--alpha", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.01, show_default=True)
 @click.option("--bootstrap", "n_boot", type=click.IntRange(min=100), default=10_000, show_default=True)
-def compare(method, against, results, suite_name, alpha, n_boot) -> None:
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
+              help="also write a forest plot (PNG) of every seed's and the pooled difference, with CIs")
+def compare(method, against, results, suite_name, alpha, n_boot, plot) -> None:
     """METHOD against each of AGAINST, seed by seed (each seed's frozen episodes) and pooled: mean
     difference, bootstrap CI, paired Wilcoxon-Pratt and t p-values; says whether METHOD wins in every seed."""
     from tabulate import tabulate
 
-    from .inputs import BadInput, parse_methods
-    from .stats import compare_per_seed
+    from .inputs import BadInput, check_out_file, parse_methods
+    from .stats import compare_per_seed, plot_seed_comparisons
     from .validate import load_records
 
     others = parse_methods(against, "--against")
     if method in others:
         raise BadInput(f"--against {against!r} names --method {method!r} itself; compare it with other methods")
+    if plot is not None:
+        check_out_file(plot, "--plot")  # said before the (slow) bootstrap, not after it
     rs = load_records(results, suite=suite_name)  # the leaderboard's checks: a record it rejects is not compared
     for bad in rs.invalid:
         click.echo(f"rejected {bad.path}: {bad.reason} (not compared)", err=True)
     recs = rs.ok
-    found = False
+    found = []
     for other in others:
         for c in compare_per_seed(recs, method, other, n_boot=n_boot):
-            found = True
+            found.append(c)
             labelled = [(f"seed {s}", t) for s, t in sorted(c.per_seed.items())] + [("pooled", c.pooled)]
             rows = [[label, f"{100 * t.mean_diff:+.2f}", f"[{100 * t.ci_low:+.2f}, {100 * t.ci_high:+.2f}]",
                      f"{t.p_wilcoxon:.2g}", f"{t.p_ttest:.2g}", t.n] for label, t in labelled]
@@ -302,6 +306,9 @@ def compare(method, against, results, suite_name, alpha, n_boot) -> None:
             click.echo(f"{method} better than {other} in every seed, both tests p < {alpha}: {verdict}")
     if not found:
         raise click.ClickException(f"no scenario under {results} has ok records of both {method!r} and one of {against!r}")
+    if plot is not None:
+        title = f"{method} against {', '.join(others)}" + (f" on {suite_name}" if suite_name else "")
+        click.echo(f"wrote {plot_seed_comparisons(found, plot, alpha, title)}")
 
 
 @main.command()

@@ -522,3 +522,50 @@ def compare_per_seed(records: Iterable[ResultRecord], method: str, against: str,
             per = {int(s): compare_paired(xa[strata == s], xb[strata == s], n_boot=n_boot) for s in np.unique(strata)}
             out.append(SeedComparison(scenario, method, against, per, compare_paired(xa, xb, strata, n_boot=n_boot)))
     return out
+
+
+def plot_seed_comparisons(comparisons: Sequence[SeedComparison], path: str | Path, alpha: float = 0.01,
+                          title: str = "") -> Path:
+    """Forest plot of :func:`compare_per_seed` results: one panel per scenario, one row per (against,
+    seed) and a pooled row (diamond) per opponent, each the mean difference in points with its 95 %
+    bootstrap CI. Filled markers: both paired tests below ``alpha`` in A's favour; hollow: not. The
+    question "better in every seed?" reads off as every row of an opponent filled and right of zero."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not comparisons:
+        raise ValueError("no comparisons to plot")
+    scenarios = list(dict.fromkeys(c.scenario for c in comparisons))
+    rows_of = {s: [c for c in comparisons if c.scenario == s] for s in scenarios}
+    n_rows = {s: sum(len(c.per_seed) + 1 for c in cs) for s, cs in rows_of.items()}
+    fig, axes = plt.subplots(len(scenarios), 1, figsize=(7.5, 0.8 + sum(0.28 * n + 0.6 for n in n_rows.values())),
+                             gridspec_kw={"height_ratios": [n_rows[s] + 1 for s in scenarios]}, squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, s in zip(axes[:, 0], scenarios):
+        labels: list[str] = []
+        y = 0
+        for k, c in enumerate(rows_of[s]):
+            col = colours[k % len(colours)]
+            items = [(f"seed {seed}", t, "o") for seed, t in sorted(c.per_seed.items())] + [("pooled", c.pooled, "D")]
+            for label, t, marker in items:
+                sig = t.mean_diff > 0 and t.p_wilcoxon < alpha and t.p_ttest < alpha
+                ax.errorbar(100 * t.mean_diff, -y, xerr=[[100 * (t.mean_diff - t.ci_low)], [100 * (t.ci_high - t.mean_diff)]],
+                            fmt=marker, color=col, mfc=col if sig else "white", ms=7 if marker == "D" else 5, capsize=2, lw=1)
+                labels.append(f"vs {c.against}, {label}")
+                y += 1
+        ax.axvline(0, color="k", lw=0.8)
+        ax.set_yticks([-i for i in range(y)], labels, fontsize=8)
+        ax.set_ylim(-y + 0.4, 0.6)
+        ax.set_title(f"{s}: {rows_of[s][0].method} minus each", fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+    axes[-1, 0].set_xlabel(f"accuracy difference, points (95 % bootstrap CI; filled: both paired tests p < {alpha} in favour)", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -251,3 +251,28 @@ def test_compare_cli_prints_per_seed_rows_and_verdict(tmp_path):
     assert "in every seed, both tests p < 0.01: yes" in r.output
     bad = CliRunner().invoke(main, ["compare", "--method", "A", "--against", "C", "--results", str(tmp_path)])
     assert bad.exit_code != 0 and "no scenario" in bad.output
+    # --plot: a forest plot of the same comparisons; a folder given as the file is refused before any work
+    png = tmp_path / "plots" / "a-vs-b.png"
+    r = CliRunner().invoke(main, ["compare", "--method", "A", "--against", "B", "--results", str(tmp_path), "--bootstrap", "200",
+                                  "--plot", str(png)])
+    assert r.exit_code == 0, r.output
+    assert f"wrote {png}" in r.output and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for bad_path in (tmp_path, tmp_path / "a-file" / "x.png"):  # a folder; a "folder" that is a file
+        (tmp_path / "a-file").write_text("")
+        r = CliRunner().invoke(main, ["compare", "--method", "A", "--against", "B", "--results", str(tmp_path), "--plot", str(bad_path)])
+        assert r.exit_code != 0 and "--plot" in r.output and "+10.00" not in r.output, r.output
+
+
+def test_forest_plot_of_seed_comparisons(tmp_path):
+    from dfml_bench.stats import compare_per_seed, plot_seed_comparisons
+
+    rng = np.random.default_rng(2)
+    recs = []
+    for seed in (0, 1):
+        base = episodes(rng, p=0.3)
+        recs += [rec(m, np.clip(base + d, 0, 1), seed=seed, ep_hash=f"h{seed}") for m, d in (("A", 0.1), ("B", 0.0), ("C", 0.2))]
+    cs = compare_per_seed(recs, "A", "B", n_boot=200) + compare_per_seed(recs, "A", "C", n_boot=200)
+    path = plot_seed_comparisons(cs, tmp_path / "f.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="no comparisons"):
+        plot_seed_comparisons([], tmp_path / "g.png")
