@@ -52,6 +52,11 @@ CANDIDATES = {
     # with the smaller SGD form of the same step:
     "steps20-noalign": {"gen_steps": 20, "align": False},
     "steps20-sgdalign": {"gen_steps": 20, "align_inner": "sgd"},
+    # free (cpu defaults, steps20-sgdalign): its best checkpoint was its last epoch (20) in all 3 seeds of
+    # whitebox-homo on glyphs-fs-natural-shuffled, meta-val still rising, while teacher agreement stopped
+    # rising about 10 warm-up epochs in. The same 80 recovery epochs (same cost), a third of them warm-up:
+    # 60 full epochs of replay and alignment instead of 20
+    "warm20-ep60": {"warmup": 20, "epochs": 60},
 }
 KEEP = ("best_iteration", "best_epoch", "best_val_acc", "val_curve", "recovery_agreement_mean", "recovery_margin_median",
         "teacher_acc_on_recovered", "teacher_agreement_per_epoch", "meta_generator_updates", "queries_total", "grouping_seconds")

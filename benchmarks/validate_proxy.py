@@ -71,7 +71,8 @@ def candidates() -> dict[str, Scenario]:
                               episodes=EPISODES),
         # (the multi-domain proxies as the multi-domain suites build them: meta-val pools both domains)
         **{ds: Scenario(name=f"{ds}-conv4-5w1s", dataset=ds, zoo=common.cpu_proxy_zoo(dataset=ds), access="whitebox", episodes=EPISODES)
-           for ds in ("glyphs-fs-natural", "glyphs-fs-natural-shuffled", "glyphs-fs-multidomain", "glyphs-fs-multidomain-natural")},
+           for ds in ("glyphs-fs-natural", "glyphs-fs-natural-shuffled", "glyphs-fs-multidomain", "glyphs-fs-multidomain-natural",
+                      "glyphs-fs-multidomain-natural-shuffled")},
         "glyphs-811": Scenario(name="glyphs-conv4-5w1s", dataset="glyphs", zoo=old_zoo, access="whitebox", episodes=EPISODES),
     }
 
