@@ -26,6 +26,7 @@ meta-val. ``--out`` writes the curves as JSON and the table as markdown.
     python benchmarks/validate_proxy.py --proxy glyphs-811 --teachers 20
     python benchmarks/validate_proxy.py --proxy glyphs-fs-multidomain-natural --teachers 32 --sources inversion,placebo
     python benchmarks/validate_proxy.py --proxy glyphs-fs-multidomain-natural --zoo-models 200 --zoo-jobs 2 --sources inversion,placebo
+    python benchmarks/validate_proxy.py --proxy glyphs-fs-multidomain-natural-shuffled --sources inversion,placebo --tasks per-model
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ def candidates() -> dict[str, Scenario]:
     class-conditional colour and texture (``glyphs-fs-natural``, same zoo recipe; ``-shuffled``: its
     held-out classes split between meta-val and meta-test at random), and the earlier cpu
     proxy (all 811 meta-train glyph classes, 60 images each, 20 teachers); and the two multi-domain
-    proxies, shape-only ``glyphs-fs-multidomain`` and its class-look candidate ``glyphs-fs-multidomain-natural``."""
+    proxies, shape-only ``glyphs-fs-multidomain`` and its class-look candidate ``glyphs-fs-multidomain-natural``
+    (``-shuffled``: each domain's held-out classes split between meta-val and meta-test at random)."""
     old_zoo = ZooSpec(dataset="glyphs", n_models=20, ways=5, backbones=(common.CONV4,),
                       recipes=(("*", TrainRecipe(epochs=12, optimizer="adam", lr=0.005, batch_size=50)),), seed=0)
     return {
