@@ -61,7 +61,8 @@ PROTOCOL = f"""## How this protocol differs from the papers'
   archived); the other suites' tables on it (scenarios named `glyphs-fs-natural-...`) stay here until
   they are re-run. The multi-domain suites' `glyphs-fs-multidomain-natural` passes for tasks inside
   one domain (tasks that mix its two domains teach little there, which a method replaying such tasks
-  pays for).
+  pays for), and so does its shuffled split `glyphs-fs-multidomain-natural-shuffled`, which the
+  multi-domain suites now run on; their tables on the script split stay here until they are re-run.
 - Average ranks across a suite's scenarios share ranks on ties; the Friedman test and Nemenyi's critical
   difference are given, but with few scenarios they have little power: read the per-scenario paired tests.
 """

@@ -158,6 +158,9 @@ def test_glyphs_fs_multidomain_natural_shuffled_splits_each_domains_heldout_clas
     assert all(b.heldout == "shuffled" and b.name == name for name, b in parts)
     # the script-split pool keeps its domains' names (and so its datasets' hashes and cached zoos)
     assert all(b.heldout == "script" for _, b in GlyphsFSMultiDomainNatural().domain_builders())
+    from dfml_bench.suites import common
+
+    assert common.CPU_PROXY_MULTIDOMAIN == "glyphs-fs-multidomain-natural-shuffled"  # validated: Candidate 5
     # small domains, built for real: each domain's meta-val mixes the scripts the script split keeps for meta-test
     from dfml_bench.datasets.glyphs import SCRIPT_GROUPS, SCRIPT_SPLITS
 

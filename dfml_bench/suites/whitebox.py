@@ -3,12 +3,13 @@
 - ``whitebox-homo``: a homogeneous Conv4 zoo on one dataset (FREE ``mr.sh``).
 - ``whitebox-hetero``: a zoo mixing Conv4, ResNet-10 and ResNet-18 (FREE ``ma.sh``); ``average`` is not
   run (it needs one architecture).
-- ``whitebox-multidomain``: a Conv4 zoo over the multi-domain dataset (FREE ``md.sh``): ``glyphs-fs-multidomain-natural``
+- ``whitebox-multidomain``: a Conv4 zoo over the multi-domain dataset (FREE ``md.sh``): ``glyphs-fs-multidomain-natural-shuffled``
   at cpu scale, ``multidomain`` (CIFAR-FS + miniImageNet + CUB) at paper scale; results per domain.
 
-``cpu``: the proxy of the papers' setting (issue 12, ``docs/proxy-validation.md``): ``glyphs-fs-natural``
+``cpu``: the proxy of the papers' setting (issue 12, ``docs/proxy-validation.md``): ``glyphs-fs-natural-shuffled``
 (CIFAR-FS's shape: 64 / 16 / 20 classes, 600 images each, 32x32, classes with their own colour and
-texture) or its two-domain counterpart ``glyphs-fs-multidomain-natural``, zoos of 5-way
+texture, held-out classes split between meta-val and meta-test at random) or its two-domain counterpart
+``glyphs-fs-multidomain-natural-shuffled``, zoos of 5-way
 teachers whose classes recur across teachers as in the papers' pools (100 Conv4; 60 mixed-architecture),
 5-way 1-shot, 600 frozen test episodes, the ``placebo`` control in every default method list.
 ``paper``: the literature's sizes (100 models per architecture / domain, 5-way 1-shot, Conv4-32
