@@ -96,6 +96,10 @@ def verify_record(path: str | Path, *, device: str | None = None, data_root: str
         return out
     if again.hashes.get("test_episodes") != rec.hashes.get("test_episodes"):
         out.problems.append("the re-run was evaluated on other test episodes")
+    if "zoo_weights" in rec.hashes and again.hashes.get("zoo_weights") != rec.hashes["zoo_weights"]:
+        out.problems.append("the re-run's zoo has other weights than the record's (same spec, other files: a zoo "
+                            "trained with other kernels or by an older version?); rebuild the zoo in an empty "
+                            "$DFML_BENCH_HOME to tell which")
     a, b = again.per_episode, rec.per_episode
     out.n_episodes = len(b)
     if len(a) != len(b):

@@ -257,6 +257,16 @@ def test_verify_reproduces_a_record_and_the_leaderboard_marks_it(honest, tmp_pat
     res = CliRunner().invoke(main, ["verify", str(path)])
     assert res.exit_code == 1 and "NOT REPRODUCED" in res.output and "19/20 episodes equal" in res.output
 
+    # a record whose zoo weights are not the ones a re-run gets is not reproduced either, with the reason
+    d = json.loads(path.read_text())
+    d["per_episode"][i] = round(d["per_episode"][i] - 0.04, 6)
+    d["accuracy"]["mean"] = sum(d["per_episode"]) / len(d["per_episode"])
+    assert d["hashes"]["zoo_weights"] != "0" * 64
+    d["hashes"]["zoo_weights"] = "0" * 64
+    path.write_text(json.dumps(d))
+    res = CliRunner().invoke(main, ["verify", str(path)])
+    assert res.exit_code == 1 and "NOT REPRODUCED" in res.output and "other weights" in res.output, res.output
+
 
 def test_artifacts_are_copied_only_as_png_files_never_through_links(tmp_path):
     from dfml_bench.isolation import copy_artifacts, make_scratch, remove_scratch
