@@ -9,6 +9,7 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 
 import pytest
 import torch
@@ -39,6 +40,17 @@ def load_benchmark(name: str):
 # One intra-op thread: several test processes (API servers, workers) share two cores, and
 # oversubscribed OpenMP threads make small-tensor work many times slower.
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _one_intra_op_thread(request):
+    """Every test starts with one intra-op thread, and a test that leaves another count behind is named:
+    the count is part of a zoo's identity, so a leak would send later tests to another zoo folder."""
+    yield
+    n = torch.get_num_threads()
+    if n != 1:
+        torch.set_num_threads(1)
+        warnings.warn(f"{request.node.nodeid} left torch with {n} intra-op threads (reset to 1)")
 
 
 def make_toy_dataset(n_classes: int = 30, per_class: int = 30, size: int = 16, seed: int = 0, name: str = "toy") -> ImageDataset:

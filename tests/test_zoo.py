@@ -85,28 +85,31 @@ def test_thread_count_is_part_of_the_zoo_identity(toy_dataset, tmp_path, built_z
     assert zoo_hash(SPEC, toy_dataset, 2) != legacy
     assert zoo_dir(SPEC, toy_dataset, tmp_path, 2) != zoo_dir(SPEC, toy_dataset, tmp_path, PROTOCOL_THREADS)
     shutil.copytree(built_zoo_root, tmp_path, dirs_exist_ok=True)
-    one = build_zoo(SPEC, toy_dataset, root=tmp_path, progress=False)  # conftest: 1 thread
+    with fixed_threads(1):
+        one = build_zoo(SPEC, toy_dataset, root=tmp_path, progress=False)
     assert {e.torch_threads for e in one.entries} == {1}
     assert one.summary()["torch_threads"] == [1] and one.summary()["weights_hash"] == one.weights_hash
     with fixed_threads(2):
         assert load_zoo(SPEC, toy_dataset, root=tmp_path) is None  # the 1-thread zoo is not the 2-thread one
         two = build_zoo(SPEC, toy_dataset, root=tmp_path, progress=False)
+    assert load_zoo(SPEC, toy_dataset, root=tmp_path, threads=1).weights_hash == one.weights_hash
     assert two.path != one.path and {e.torch_threads for e in two.entries} == {2}
     assert load_zoo(SPEC, toy_dataset, root=tmp_path, threads=2).weights_hash == two.weights_hash
     # a 2-thread entry copied into the 1-thread zoo's manifest (a hand-made or legacy mix) is rebuilt
     m = json.loads((one.path / "manifest.json").read_text())
     m["models"]["1"]["torch_threads"] = 2
     (one.path / "manifest.json").write_text(json.dumps(m))
-    assert load_zoo(SPEC, toy_dataset, root=tmp_path) is None
+    assert load_zoo(SPEC, toy_dataset, root=tmp_path, threads=1) is None
     logs = []
-    again = build_zoo(SPEC, toy_dataset, root=tmp_path, progress=False, log=logs.append)
+    with fixed_threads(1):
+        again = build_zoo(SPEC, toy_dataset, root=tmp_path, progress=False, log=logs.append)
     assert any("trained with 2 torch threads" in x for x in logs)
     assert again.weights_hash == one.weights_hash and {e.torch_threads for e in again.entries} == {1}
     # entries made before the count was recorded load as they are (0: unrecorded)
     for e in m["models"].values():
         e.pop("torch_threads")
     (one.path / "manifest.json").write_text(json.dumps(m))
-    legacy_zoo = load_zoo(SPEC, toy_dataset, root=tmp_path)
+    legacy_zoo = load_zoo(SPEC, toy_dataset, root=tmp_path, threads=1)
     assert legacy_zoo is not None and {e.torch_threads for e in legacy_zoo.entries} == {0}
 
 

@@ -90,9 +90,12 @@ def test_a_swapped_checkpoint_with_a_matching_sha256_is_caught_by_its_stored_cla
 
 
 def test_zoo_show_and_build_on_a_broken_manifest_are_not_tracebacks(toy_dataset):
+    from dfml_bench.threads import PROTOCOL_THREADS, fixed_threads
+
     spec = get_suite("toy").scenarios[0].zoo
-    build_zoo(spec, toy_dataset, progress=False)  # in the session's DFML_BENCH_HOME, where the CLI looks
-    path = zoo_dir(spec, toy_dataset)
+    with fixed_threads(PROTOCOL_THREADS):  # the zoo the CLI shows and builds: the protocol's thread count
+        build_zoo(spec, toy_dataset, progress=False)  # in the session's DFML_BENCH_HOME, where the CLI looks
+    path = zoo_dir(spec, toy_dataset, threads=PROTOCOL_THREADS)
     good = (path / "manifest.json").read_text()
     try:
         (path / "manifest.json").write_text(json.dumps({"hash": json.loads(good)["hash"]}))  # no "models"
