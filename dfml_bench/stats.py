@@ -434,6 +434,18 @@ def cd_cliques(avg_ranks: dict[str, float], cd: float) -> list[list[str]]:
     return cliques
 
 
+def _save_figure(fig, path: str | Path) -> Path:
+    """Lay out, write (its folder made if needed) and close a matplotlib figure; returns the path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_cd(ranks: SuiteRanks, path: str | Path, title: str = "") -> Path:
     """Draw the critical-difference diagram (Demšar 2006): methods on the average-rank axis (1 = best, at
     the left), the CD as a scale bar, methods not distinguishable by Nemenyi joined by thick bars."""
@@ -472,12 +484,7 @@ def plot_cd(ranks: SuiteRanks, path: str | Path, title: str = "") -> Path:
             ax.plot([min(rs) - 0.03, max(rs) + 0.03], [y, y], color="tab:red", lw=2.5, solid_capstyle="round")
     fp = "n/a" if ranks.friedman_p is None else f"{ranks.friedman_p:.3g}"
     ax.set_title(title or f"average ranks over {len(ranks.scenarios)} scenario(s); Friedman p = {fp}", fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 def group_by_scenario(records: Iterable[ResultRecord]) -> dict[tuple[str, str], dict[str, list[ResultRecord]]]:
@@ -563,9 +570,4 @@ def plot_seed_comparisons(comparisons: Sequence[SeedComparison], path: str | Pat
     axes[-1, 0].set_xlabel(f"accuracy difference, points (95 % bootstrap CI; filled: both paired tests p < {alpha} in favour)", fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
