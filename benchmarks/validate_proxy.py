@@ -209,12 +209,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if args.per_class < EPISODES.shots + 1:
         ap.error("--per-class must leave at least one query image per class")
-    torch.set_num_threads(args.threads)
+    if args.zoo_models is not None and args.zoo_models < 1:
+        ap.error("--zoo-models must be at least 1")
+    torch.set_num_threads(args.threads)  # after every argument check: a refused command changes nothing
     sc = candidates()[args.proxy]
     sc = replace(sc, val_episodes=max(args.val_episodes, 100))
     if args.zoo_models is not None:
-        if args.zoo_models < 1:
-            ap.error("--zoo-models must be at least 1")
         sc = replace(sc, zoo=replace(sc.zoo, n_models=args.zoo_models))
     if args.zoo_jobs > 1:  # build (or verify) the zoo with worker processes first; the context then finds it complete
         from dfml_bench.datasets import load_dataset

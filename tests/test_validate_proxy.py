@@ -51,13 +51,15 @@ def test_markdown_lists_each_domains_curve_under_its_source(study):
 
 
 def test_zoo_models_must_be_positive(study):
+    before = torch.get_num_threads()
     with pytest.raises(SystemExit):
-        study.main(["--proxy", "glyphs-fs", "--zoo-models", "0", "--sources", ""])
+        study.main(["--proxy", "glyphs-fs", "--zoo-models", "0", "--sources", "", "--threads", "3"])
+    assert torch.get_num_threads() == before  # refused before it set anything
 
 
 def test_benchmark_contexts_build_the_zoo_with_the_protocols_thread_count(monkeypatch):
-    """A benchmark script running with 2 torch threads must not train the suites' zoo with 2: the zoo
-    folder does not name the thread count, and a zoo trained with another count has other teachers."""
+    """A benchmark script running with 2 torch threads must use the suites' zoo, the one trained with the
+    protocol's count (a zoo trained with another count has other teachers, and its own folder)."""
     ctx_mod = load_benchmark("_context")
     seen = []
 
