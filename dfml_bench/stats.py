@@ -96,6 +96,10 @@ class PairedTest:
     n_zero: int  # episodes with d == 0 (kept in the ranking by Pratt's method)
     p_improve: float  # share of episodes where A beats B (ties count half)
 
+    def a_better(self, alpha: float = 0.01) -> bool:
+        """A is better than B here: a positive mean difference with BOTH paired tests below ``alpha``."""
+        return self.mean_diff > 0 and self.p_wilcoxon < alpha and self.p_ttest < alpha
+
 
 def paired_tests(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, float, float]:
     """(p_wilcoxon, stat_wilcoxon, p_ttest, stat_ttest) of paired samples ``a`` and ``b``.
@@ -511,8 +515,7 @@ class SeedComparison:
 
     def wins_every_seed(self, alpha: float = 0.01) -> bool:
         """A is better than B in every seed with BOTH paired tests below ``alpha`` (uncorrected)."""
-        return bool(self.per_seed) and all(t.mean_diff > 0 and t.p_wilcoxon < alpha and t.p_ttest < alpha
-                                           for t in self.per_seed.values())
+        return bool(self.per_seed) and all(t.a_better(alpha) for t in self.per_seed.values())
 
 
 def compare_per_seed(records: Iterable[ResultRecord], method: str, against: str, *, n_boot: int = 10_000) -> list[SeedComparison]:
@@ -557,7 +560,7 @@ def plot_seed_comparisons(comparisons: Sequence[SeedComparison], path: str | Pat
             col = colours[k % len(colours)]
             items = [(f"seed {seed}", t, "o") for seed, t in sorted(c.per_seed.items())] + [("pooled", c.pooled, "D")]
             for label, t, marker in items:
-                sig = t.mean_diff > 0 and t.p_wilcoxon < alpha and t.p_ttest < alpha
+                sig = t.a_better(alpha)
                 ax.errorbar(100 * t.mean_diff, -y, xerr=[[100 * (t.mean_diff - t.ci_low)], [100 * (t.ci_high - t.mean_diff)]],
                             fmt=marker, color=col, mfc=col if sig else "white", ms=7 if marker == "D" else 5, capsize=2, lw=1)
                 labels.append(f"vs {c.against}, {label}")
