@@ -7,6 +7,13 @@ for the README. Runs on the machine as it is: the load average before each suite
     python benchmarks/bench_suites.py [--suites smoke,whitebox-homo] [--jobs 2] [--markdown out.md] [--compare-with results]
 
 A whole pass over the cpu suites takes about an hour; use --suites to time a few.
+
+    python benchmarks/bench_suites.py --from-records results [--jobs 2] [--markdown out.md]
+
+runs nothing: for every (suite, seed) of the committed records it replays their job seconds and the
+training seconds of the zoo they used (from the cache's manifest) under the pool's schedule, and prints
+that estimate of a cold seed against the budget. The records' seconds were measured with one job per
+core beside other work, so read it as an estimate; a cold run above is the measurement.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -99,6 +107,91 @@ def schedule_gain(home: str, out: str, suite: str, workers: int) -> str:
     return f"schedule replay: plan order with a one-worker zoo {old / 60:.1f} min, shared zoo + longest first {new / 60:.1f} min"
 
 
+@dataclass(frozen=True)
+class SeedCost:
+    """One (suite, seed) of committed records: each default method's job seconds and the zoo's training
+    seconds (``None`` when its manifest is not in the cache), and the cold wall time they give."""
+
+    suite: str
+    seed: int
+    jobs: dict[str, float]
+    missing: tuple[str, ...]
+    zoo_seconds: float | None
+    workers: int
+
+    @property
+    def wall(self) -> float | None:
+        """Zoo built by all workers, then the jobs longest first on the first free worker (`run --jobs N`)."""
+        if self.zoo_seconds is None:
+            return None
+        return self.zoo_seconds / self.workers + pool_wall(sorted(self.jobs.values(), reverse=True), self.workers)
+
+    @property
+    def longest(self) -> tuple[str, float]:
+        return max(self.jobs.items(), key=lambda kv: kv[1])
+
+
+def zoo_train_seconds(home: str | Path) -> dict[str, float]:
+    """Summed model-training seconds of every zoo in the cache, by zoo hash."""
+    import json
+
+    out = {}
+    for m in Path(home, "zoos").glob("*/manifest.json"):
+        d = json.loads(m.read_text())
+        out[d.get("hash", "")] = sum(float(e.get("train_seconds", 0)) for e in d.get("models", {}).values())
+    return out
+
+
+def record_costs(results: str | Path, home: str | Path, workers: int, suites: list[str] | None = None) -> list[SeedCost]:
+    """Every (cpu suite, seed) with records of the suite's current scenarios in ``results``: the seconds
+    of each default method's job summed over the scenarios (records of scenarios the suite no longer
+    defines are left out), the zoo seconds of the zoos those records used, and the default methods
+    without a record."""
+    import json
+
+    from dfml_bench.results import iter_records
+
+    zoos = zoo_train_seconds(home)
+    by_key: dict[tuple[str, int], list[dict]] = {}
+    for p in iter_records(results):
+        rec = json.loads(p.read_text())
+        if rec.get("scale") == "cpu" and rec.get("status") == "ok":
+            by_key.setdefault((rec["suite"], int(rec["seed"])), []).append(rec)
+    rows = []
+    for name in suites or cpu_suites():
+        suite = get_suite(name, "cpu")
+        current = {sc.name for sc in suite.scenarios}
+        for (sname, seed), recs in sorted(by_key.items()):
+            recs = [r for r in recs if sname == name and r["scenario"] in current and r["method"] in suite.methods]
+            if not recs:
+                continue
+            jobs: dict[str, float] = {}
+            for r in recs:
+                jobs[r["method"]] = jobs.get(r["method"], 0.0) + float((r.get("timing") or {}).get("total_seconds", 0))
+            hashes = {(r.get("hashes") or {}).get("zoo") for r in recs} - {None}
+            zoo = sum(zoos[h] for h in hashes) if hashes <= zoos.keys() else None
+            missing = tuple(m for m in suite.methods if m not in jobs)
+            rows.append(SeedCost(name, seed, jobs, missing, zoo, workers))
+    return rows
+
+
+def records_markdown(rows: list[SeedCost]) -> str:
+    lines = ["| suite (cpu, default methods) | seed | estimated cold wall time | budget | within | zoo (training s) | longest job |",
+             "|---|---:|---:|---:|---|---:|---|"]
+    for r in rows:
+        budget = BUDGET_S.get(r.suite, DEFAULT_BUDGET_S)
+        wall = r.wall
+        if r.missing:  # a partial seed says nothing about the budget
+            ok = f"incomplete (no record: {', '.join(r.missing)})"
+        else:
+            ok = "n/a (zoo not in cache)" if wall is None else ("yes" if wall <= budget else "**no**")
+        name, secs = r.longest
+        zoo = "n/a" if r.zoo_seconds is None else f"{r.zoo_seconds:.0f}"
+        lines.append(f"| {r.suite} | {r.seed} | {'n/a' if wall is None else f'{wall / 60:.1f} min'} | {budget / 60:.0f} min "
+                     f"| {ok} | {zoo} | {name} {secs:.0f} s |")
+    return "\n".join(lines) + "\n"
+
+
 def compare_records(out: str, committed: str) -> str:
     """How many of the cold run's records have exactly the per-episode accuracies of the committed record
     at the same key (a different schedule, zoo build and cache must not change a single episode)."""
@@ -131,8 +224,19 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per job (the protocol's: 1)")
     ap.add_argument("--markdown", default=None, help="write the table to this file too")
     ap.add_argument("--compare-with", default=None, help="a results folder: check the cold records against it, episode by episode")
+    ap.add_argument("--from-records", default=None, metavar="RESULTS",
+                    help="run nothing: estimate each suite and seed's cold cost from these records' timings and the "
+                         "cached zoos' training seconds ($DFML_BENCH_HOME)")
     args = ap.parse_args()
     names = args.suites.split(",") if args.suites else cpu_suites()
+    if args.from_records:
+        from dfml_bench.paths import home as cache_home
+
+        table = records_markdown(record_costs(args.from_records, cache_home(), args.jobs, names))
+        print(table)
+        if args.markdown:
+            atomic_write_bytes(args.markdown, table.encode())
+        return
     rows = []
     for name in names:
         with tempfile.TemporaryDirectory() as home:  # each suite from an empty cache
