@@ -280,6 +280,7 @@ class FREE(Method):
             model.load_state_dict(best_state)
         rs = rep["recovery_seconds"] or rep["warmup_recovery_seconds"]
         self.report_ = {
+            "config": dict(cfg),  # the effective hyper-parameters (scale defaults filled in): what this record ran
             "recovery": cfg["recovery"],
             "recovery_seconds_per_task": sum(rs) / max(1, len(rs)),
             "tasks_recovered": len(rep["recovery_seconds"]),
