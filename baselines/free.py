@@ -48,6 +48,9 @@ Deliberate deviations from the reference code (each fix is switchable where a fl
   initialisation (epoch 0) is a candidate (``select_init``), so a run whose meta-training does not
   improve meta-val returns its initialisation (``best_epoch`` 0 in the record);
 - warm-up epochs are counted separately: ``warmup`` generator-only epochs, then ``epochs`` full ones;
+  at ``cpu`` scale 20 and 20 (40 epochs of 4 recoveries, half the former 60 + 20), chosen on meta-val
+  of whitebox-homo over three seeds under the 30-minute suite budget (mean best +1.1 over 60 + 20;
+  ``docs/proxy-validation.md``); the reference warms up 19 of 980 epochs;
 - ``meta_latent=True`` (off by default) also meta-learns the initial latent codes (Reptile);
 - replay tasks are drawn from the memory without replacement (:meth:`TaskMemory.sample_task`; the
   project's earlier memory drew with replacement when a class held fewer images than support + query,
@@ -86,11 +89,11 @@ PAPER_DEFAULTS: dict[str, Any] = dict(
 )
 # cpu: sized for minutes on 2 cores (a narrow generator, capped replay). 16 images per class and model,
 # so that a 1-shot task of one model's batch has 15 distinct queries per class (the references draw
-# from >= 20); a long generator-only warm-up, so that the meta-generator gets hundreds of outer updates
-# (the reference: ~1000) and its 5-step recovery is more than 5 steps from scratch (the agreement of the
-# teachers with their targets is in the record, per epoch).
+# from >= 20); a generator-only warm-up of 20 epochs, then 20 full ones: 40 outer updates of the
+# meta-generator over 4 models each (the reference: ~1000), 20 adaptation steps per model (the agreement of the teachers with
+# their targets is in the record, per epoch). Warm-up 60 cost twice as much and scored lower on meta-val.
 CPU_DEFAULTS: dict[str, Any] = dict(
-    epochs=20, warmup=60, per_class=16, nz=64, ngf=16, gen_lr=1e-2, z_lr=1e-2, meta_gen_lr=1e-2,
+    epochs=20, warmup=20, per_class=16, nz=64, ngf=16, gen_lr=1e-2, z_lr=1e-2, meta_gen_lr=1e-2,
     episode_batch=4, patience=2, max_replay_batches=4, val_every=5, val_episodes=100, align_lr=1e-3,
     scratch_iterations=200,
     # chosen on meta-val episodes of whitebox-homo (seed 0; the note of issue 6 has the sweep): with the
@@ -280,6 +283,7 @@ class FREE(Method):
             model.load_state_dict(best_state)
         rs = rep["recovery_seconds"] or rep["warmup_recovery_seconds"]
         self.report_ = {
+            "config": dict(cfg),  # the effective hyper-parameters (scale defaults filled in): what this record ran
             "recovery": cfg["recovery"],
             "recovery_seconds_per_task": sum(rs) / max(1, len(rs)),
             "tasks_recovered": len(rep["recovery_seconds"]),

@@ -117,7 +117,7 @@ class Placebo(Method):
         bar.close()
         if best_state is not None:
             model.load_state_dict(best_state)
-        self.report_ = {"val_curve": curve, "best_val_acc": best_acc, "best_epoch": best_epoch,
+        self.report_ = {"config": dict(cfg), "val_curve": curve, "best_val_acc": best_acc, "best_epoch": best_epoch,
                         "replay_batches_per_epoch": sum(replay_batches) / max(1, len(replay_batches)),
                         "memory_images": memory.n_images(), "queries": 0}
         title = f"placebo: untrained-generator images ({memory.n_images()} in memory)"

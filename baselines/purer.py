@@ -393,6 +393,7 @@ class PURER(Method):
         with torch.no_grad():
             accs = [teacher_accuracy(t.model, data.images(m), data.local) for m, t in enumerate(teachers)]
         self.report_ = {
+            "config": dict(cfg),  # the effective hyper-parameters (scale defaults filled in)
             **rep,
             "val_curve": selector.curve,
             "best_val_acc": selector.best_acc,

@@ -426,6 +426,7 @@ class TGR(Method):
         bar.close()
         selector.restore(model)
         self.report_ = {
+            "config": dict(cfg),  # the effective hyper-parameters (scale defaults filled in)
             "groups": [[teachers[i].index for i in grp] for grp in groups],
             "similarity": None if S is None else [[round(float(v), 4) for v in row] for row in S],
             "within_group_dissimilarity": None if S is None else within_group_dissimilarity(S, groups),

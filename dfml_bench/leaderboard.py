@@ -16,7 +16,7 @@ from typing import Sequence
 
 from tabulate import tabulate
 
-from .report import TIED, first_line, Report, build_report, ranks_rows, ranks_summary, scenario_rows
+from .report import TIED, first_line, Report, build_report, control_section, ranks_rows, ranks_summary, scenario_rows
 from .results import ResultRecord
 from .utils import atomic_write_bytes
 from .validate import RecordSet, Rejected, Reported, load_records, load_reported
@@ -51,6 +51,11 @@ PROTOCOL = f"""## How this protocol differs from the papers'
   meta-train images) appear as reference rows (rank "ref") and never enter the ranking; their p-values
   are uncorrected and for information only.
 - **Queries used** counts every image sent to a black-box API (used / budget); the papers do not count them.
+- **Gain over the controls.** Under each table, every method minus each control of its scenario
+  (`random`: no knowledge; `average`: the zoo's parameter mean; `placebo`: the same replay machinery on
+  images of untrained generators, no knowledge from the zoo), pooled over seeds with a bootstrap CI, and
+  the number of seeds in which it is better with both paired tests p < 0.01 (uncorrected, per seed): a
+  gain over `random` that the placebo also makes is not knowledge taken from the zoo.
 - **Proxy validity (cpu scale).** A cpu table can show knowledge taken from a zoo only if exact
   inversions of its teachers help MAML on meta-val, which `benchmarks/validate_proxy.py` checks
   (`docs/proxy-validation.md`). The single-domain suites run on `glyphs-fs-natural-shuffled`, which
@@ -90,6 +95,7 @@ def render_suites(report: Report, plots: dict | None = None) -> list[str]:
                 parts.append(f"{desc}\n")
             h, rows = scenario_rows(t, markdown=True)
             parts.append(tabulate(rows, headers=h, tablefmt="github", disable_numparse=True) + "\n")
+            parts += ["\n" + x if i == 0 else x for i, x in enumerate(control_section(t, report.records.ok, n_boot=report.n_boot))]
         from .budget_report import render_budget_sections  # accuracy per budget, paired tests vs random (issue 15)
 
         parts += ["\n" + x for x in render_budget_sections(tables, report.records.ok, alpha=report.alpha, plots=(plots or {}).get((suite, scale)))]

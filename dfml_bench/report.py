@@ -15,9 +15,11 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 from tabulate import tabulate
 
+from .results import ResultRecord
 from .stats import (EpisodeMismatchError, MethodRow, ScenarioTable, SuiteRanks, group_by_scenario, plot_cd,
                     scenario_table, suite_ranks)
 from .validate import RecordSet
@@ -34,6 +36,7 @@ class Report:
     records: RecordSet = field(default_factory=RecordSet)
     alpha: float = 0.05
     rule: str = "both"
+    n_boot: int = 10_000  # bootstrap resamples of every CI computed from this report (tables and controls)
 
 
 def table_order(table: ScenarioTable) -> tuple:
@@ -45,7 +48,7 @@ def build_report(records: RecordSet, *, alpha: float = 0.05, rule: str = "both",
                  seed: int = 0) -> Report:
     """Statistics of every scenario of every (suite, scale) in ``records.ok``. A scenario whose records
     cannot be paired (different episode hashes) is refused: listed in ``refused`` with the reason."""
-    rep = Report(records=records, alpha=alpha, rule=rule)
+    rep = Report(records=records, alpha=alpha, rule=rule, n_boot=n_boot)
     for (suite, scale), scenarios in group_by_scenario(records.ok).items():
         tables = []
         for name, recs in sorted(scenarios.items()):
@@ -120,6 +123,57 @@ def scenario_rows(table: ScenarioTable, markdown: bool = True) -> tuple[list[str
     return headers, rows
 
 
+CONTROLS = ("random", "average", "placebo")  # no knowledge, the zoo's mean, no knowledge through the same replay
+
+
+def control_rows(table: ScenarioTable, records: Sequence[ResultRecord], *, alpha: float = 0.01, n_boot: int = 10_000,
+                 controls: Sequence[str] = CONTROLS) -> tuple[list[str], list[list[str]]]:
+    """How much of each data-free method's accuracy is knowledge taken from the zoo: its paired difference
+    to each control of ``table`` present in ``records`` (pooled over seeds, with a bootstrap 95% CI within
+    seeds), and in how many seeds it is better at ``alpha`` with both paired tests (the issue's "better in
+    every seed"). Bold: better in every seed. Empty when the scenario has no control or no other method."""
+    from .stats import compare_per_seed
+
+    recs = [r for r in records if r.status == "ok" and r.key.scenario == table.scenario and r.key.suite == table.suite
+            and r.key.scale == table.scale]
+    present = [c for c in controls if any(r.key.method == c for r in recs)]
+    methods = [r.method for r in table.ranked if r.method != "random"]
+    if not present or not methods:
+        return [], []
+    headers = ["method", *[f"Δ vs {c} [95% CI] · seeds better (p < {alpha:g})" for c in present]]
+    rows = []
+    for m in methods:
+        cells = []
+        for c in present:
+            if m == c or (m == "average" and c == "placebo"):  # a control is not measured against itself
+                cells.append("")
+                continue
+            comps = compare_per_seed(recs, m, c, n_boot=n_boot, seed_boot=200)
+            if not comps:
+                cells.append("")
+                continue
+            comp = comps[0]
+            t = comp.pooled
+            k, n = sum(x.a_better(alpha) for x in comp.per_seed.values()), len(comp.per_seed)
+            cell = f"{100 * t.mean_diff:+.2f} [{100 * t.ci_low:+.2f}, {100 * t.ci_high:+.2f}] · {k}/{n}"
+            cells.append(f"**{cell}**" if k == n else cell)
+        rows.append([m, *cells])
+    return headers, rows
+
+
+def control_section(table: ScenarioTable, records: Sequence[ResultRecord], *, markdown: bool = True,
+                    n_boot: int = 10_000) -> list[str]:
+    """The caption and table of :func:`control_rows` for one scenario, or nothing when it has no control."""
+    h, rows = control_rows(table, records, n_boot=n_boot)
+    if not rows:
+        return []
+    bold = "**bold**" if markdown else "bold (**)"
+    caption = ("Gain over the controls (knowledge taken from the zoo): each method minus each control on the shared "
+               "episodes, pooled over seeds, and the seeds in which it is better with both paired tests p < 0.01; "
+               f"{bold}: better in every seed.\n")
+    return [caption, tabulate(rows, headers=h, tablefmt="github" if markdown else "simple", disable_numparse=True) + "\n"]
+
+
 def ranks_rows(ranks: SuiteRanks, tables: list[ScenarioTable]) -> tuple[list[str], list[list[str]]]:
     """Average rank per method (best first) over the scenarios where every listed method ran (the Friedman
     block), with how many scenarios it ran in and in how many it is best or tied with the best. Methods
@@ -166,6 +220,7 @@ def render_text(report: Report, tablefmt: str = "github") -> str:
             out.append(f"{'### ' if md else ''}{t.scenario}  (best: {t.best}; α = {t.alpha}, rule: {t.rule})\n")
             h, rows = scenario_rows(t, markdown=md)
             out.append(tabulate(rows, headers=h, tablefmt=tablefmt, disable_numparse=True) + "\n")
+            out += control_section(t, report.records.ok, markdown=md, n_boot=report.n_boot)
         from .budget_report import render_budget_sections  # accuracy per budget, paired tests vs random (issue 15)
 
         out += render_budget_sections(tables, report.records.ok, markdown=md, alpha=report.alpha,

@@ -518,9 +518,12 @@ class SeedComparison:
         return bool(self.per_seed) and all(t.a_better(alpha) for t in self.per_seed.values())
 
 
-def compare_per_seed(records: Iterable[ResultRecord], method: str, against: str, *, n_boot: int = 10_000) -> list[SeedComparison]:
+def compare_per_seed(records: Iterable[ResultRecord], method: str, against: str, *, n_boot: int = 10_000,
+                     seed_boot: int | None = None) -> list[SeedComparison]:
     """For every scenario where both methods have ``ok`` records: paired tests of ``method`` against
-    ``against`` seed by seed (each seed's own frozen episodes) and pooled over seeds (bootstrap within seeds)."""
+    ``against`` seed by seed (each seed's own frozen episodes) and pooled over seeds (bootstrap within seeds).
+    ``seed_boot`` resamples the per-seed CIs fewer times than the pooled one (default: ``n_boot``), for
+    callers that read only the seeds' tests."""
     out = []
     for (_suite, _scale), scenarios in group_by_scenario(records).items():
         for scenario, recs in sorted(scenarios.items()):
@@ -529,7 +532,7 @@ def compare_per_seed(records: Iterable[ResultRecord], method: str, against: str,
             if not a or not b:
                 continue
             xa, xb, strata = paired_arrays(a, b)
-            per = {int(s): compare_paired(xa[strata == s], xb[strata == s], n_boot=n_boot) for s in np.unique(strata)}
+            per = {int(s): compare_paired(xa[strata == s], xb[strata == s], n_boot=seed_boot or n_boot) for s in np.unique(strata)}
             out.append(SeedComparison(scenario, method, against, per, compare_paired(xa, xb, strata, n_boot=n_boot)))
     return out
 

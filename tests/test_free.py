@@ -256,8 +256,12 @@ def test_free_fit_stores_every_models_batch_and_selects_on_val(toy_world):
     kw = dict(epochs=2, warmup=1, per_class=4, nz=32, ngf=8, val_every=1, val_episodes=5, max_replay_batches=2,
               episode_batch=2, teachers_per_epoch=3)
     m = FREE(**kw)
-    model = m.fit(make_ctx())
+    ctx = make_ctx()
+    model = m.fit(ctx)
     mem = m.memory_
+    # the record says what ran: the instance's values and the scale's defaults for the rest
+    cfg = m.report_["config"]
+    assert cfg == m.config(ctx.scale) and (cfg["warmup"], cfg["epochs"]) == (1, 2) and cfg["gen_steps"] is not None
     # 2 post-warm-up epochs x 3 models: every model's batch is stored (the reference stores only the last)
     assert [e for e, _ in m.report_["val_curve"]] == [0, 1, 2]  # the initialisation is evaluated too
     assert m.report_["tasks_recovered"] == 6

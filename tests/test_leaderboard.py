@@ -192,3 +192,37 @@ def test_report_cli(results, tmp_path):
     assert (out / "report.md").exists() and (out / "toy-cpu-bars.png").exists()
     res = CliRunner().invoke(main, ["report", str(results), "--suite", "nope"])
     assert res.exit_code != 0 and "no result records of suite 'nope'" in res.output
+
+
+def test_gain_over_the_controls_counts_the_seeds_a_method_wins(tmp_path):
+    """Issue 12: every table says how much of a method's accuracy is knowledge from the zoo: its paired
+    difference to random and the placebo, and in how many seeds it is better with both tests p < 0.01."""
+    from dfml_bench.report import control_rows
+
+    root = tmp_path / "results"
+    for seed in (0, 1, 2):
+        base = accs(10 + seed, 0.35, n=200)
+        write_record(root, make("random", base, seed=seed))
+        write_record(root, make("placebo", np.clip(base + 0.04, 0, 1), seed=seed))
+        write_record(root, make("strong", np.clip(base + 0.12, 0, 1), seed=seed))  # beats both controls in every seed
+        lift = 0.12 if seed == 0 else 0.0  # beats random in seed 0 only, equals it otherwise
+        write_record(root, make("once", np.clip(base + lift, 0, 1), seed=seed))
+    write_record(root, make("good", accs(1, 0.5), scenario="bb"))  # a scenario without controls
+    write_record(root, make("bad", accs(2, 0.3), scenario="bb"))
+    rep = build_report(load_records(root), n_boot=200)
+    (table,) = [t for t in rep.tables[("toy", "cpu")] if t.scenario == "wb"]
+    head, rows = control_rows(table, rep.records.ok, n_boot=200)
+    assert head[0] == "method" and [h.split(" [")[0] for h in head[1:]] == ["Δ vs random", "Δ vs placebo"]
+    by = {r[0]: r[1:] for r in rows}
+    assert set(by) == {"strong", "once", "placebo"}  # random is not measured against itself
+    assert by["strong"][0].startswith("**+12.") and by["strong"][0].endswith("· 3/3**")
+    assert by["strong"][1].startswith("**+8.") and by["strong"][1].endswith("· 3/3**")
+    assert by["once"][0].startswith("+4.") and by["once"][0].endswith("· 1/3") and "**" not in by["once"][0]
+    assert by["once"][1].endswith("· 1/3")  # above the placebo only where it gained: seed 0
+    assert by["placebo"][1] == "" and by["placebo"][0].endswith("· 3/3**")
+    (bb,) = [t for t in rep.tables[("toy", "cpu")] if t.scenario == "bb"]
+    assert control_rows(bb, rep.records.ok) == ([], [])
+    assert render_text(rep, tablefmt="simple").count("Gain over the controls") == 1  # `report` / `run` print it too
+    page = write_leaderboard(root, tmp_path / "lb.md", n_boot=200).read_text()
+    assert page.split("### wb")[1].count("Gain over the controls") == 1
+    assert "Gain over the controls" not in page.split("### bb")[1].split("\n### ")[0]

@@ -95,8 +95,10 @@ def test_placebo_images_carry_their_labels_and_nothing_else():
 def test_placebo_never_touches_the_zoo(toy_world_placebo):
     make_ctx = toy_world_placebo
     m = Placebo(epochs=2, per_class=4, nz=16, ngf=8, val_every=1, val_episodes=5, max_replay_batches=2, episode_batch=2)
-    model = m.fit(make_ctx())
+    ctx = make_ctx()
+    model = m.fit(ctx)
     assert [e for e, _ in m.report_["val_curve"]] == [0, 1, 2]
+    assert m.report_["config"] == m.config(ctx.scale) and m.report_["config"]["epochs"] == 2
     assert m.report_["queries"] == 0 and m.report_["memory_images"] == 2 * 4 * 5 * 4
     assert sum(p.numel() for p in model.parameters()) > 0
     with pytest.raises(MethodError):

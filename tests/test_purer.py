@@ -147,8 +147,10 @@ def test_average_init_is_the_zoo_mean_and_is_skipped_across_architectures(toy_wo
 def test_purer_fit_selects_on_val_and_saves_its_images(toy_world, tmp_path):  # noqa: F811
     _ds, wb, make_ctx = toy_world
     m = PURER(meta_batches=8, warmup=3, val_every=4, val_episodes=5, adv_start=2, patience=1)
-    model = m.fit(make_ctx())
+    ctx = make_ctx()
+    model = m.fit(ctx)
     r = m.report_
+    assert r["config"] == m.config(ctx.scale) and r["config"]["meta_batches"] == 8  # what ran, defaults filled
     assert [s for s, _ in r["val_curve"]] == [0, 4, 8] and r["best_iteration"] in (0, 4, 8)
     assert r["average_init"] is True and r["adv_steps"][0] == 3 and r["per_class"] == 1 + 5
     assert r["n_images"] == len(wb) * 5 * 6 and 0 <= r["teacher_acc_on_recovered"] <= 1

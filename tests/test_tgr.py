@@ -136,8 +136,10 @@ FAST = dict(epochs=3, val_every=3, val_episodes=5, n_groups=2, scratch_iteration
 def test_tgr_fit_groups_every_model_and_selects_on_val(toy_world, tmp_path):  # noqa: F811
     _ds, wb, make_ctx = toy_world
     m = TGR(**FAST)
-    model = m.fit(make_ctx())
+    ctx = make_ctx()
+    model = m.fit(ctx)
     r = m.report_
+    assert r["config"] == m.config(ctx.scale) and set(r["config"]) >= set(m.get_params())  # what ran, defaults filled
     assert sorted(i for grp in r["groups"] for i in grp) == [t.index for t in wb]
     assert len(r["similarity"]) == len(wb) and r["within_group_dissimilarity"] is not None
     assert [e for e, _ in r["val_curve"]] == [0, 3] and r["best_epoch"] in (0, 3)
