@@ -62,12 +62,15 @@ PROTOCOL = f"""## How this protocol differs from the papers'
   passes: its meta-val and meta-test classes are drawn at random from the held-out scripts, as CIFAR-FS
   splits its classes. Its predecessor `glyphs-fs-natural` (held-out classes split by script) passes
   too, but there meta-val over-promised the test gain of several methods (`docs/model-selection.md`);
-  whitebox-homo and blackbox-homo are re-run on the shuffled split (their script-split records are
-  archived); the other suites' tables on it (scenarios named `glyphs-fs-natural-...`) stay here until
-  they are re-run. The multi-domain suites' `glyphs-fs-multidomain-natural` passes for tasks inside
-  one domain (tasks that mix its two domains teach little there, which a method replaying such tasks
-  pays for), and so does its shuffled split `glyphs-fs-multidomain-natural-shuffled`, which the
-  multi-domain suites now run on; their tables on the script split stay here until they are re-run.
+  the six main suites are re-run on the shuffled splits (their script-split records are archived);
+  blackbox-outputs and budget-sweep still have their tables on it (scenarios named
+  `glyphs-fs-natural-...`) until they are re-run. The multi-domain suites run on
+  `glyphs-fs-multidomain-natural-shuffled`, which passes for tasks inside one domain (tasks that mix its
+  two domains teach little there, which a method replaying such tasks pays for).
+- **`free`'s records** on the white-box suites were made with its former cpu schedule (warm-up 60, 20
+  epochs); its default is now warm-up 20, 20 epochs, chosen on meta-val (`docs/proxy-validation.md`),
+  and they are re-run with it next. Records made from now on carry their effective hyper-parameters
+  in `extra.config`.
 - Average ranks across a suite's scenarios share ranks on ties; the Friedman test and Nemenyi's critical
   difference are given, but with few scenarios they have little power: read the per-scenario paired tests.
 """
