@@ -108,7 +108,8 @@ def test_plugin_runs_through_cli_and_is_ranked_in_the_leaderboard(site, tmp_path
     assert "4 records counted" in res.output
     page = lb.read_text()
     for scen in ("wb", "bb"):
-        table = page.split(f"### {scen}\n")[1].split("\n### ")[0]
+        table, _, controls = page.split(f"### {scen}\n")[1].split("\n### ")[0].partition("Gain over the controls")
+        assert "| first_model " in controls  # the plugin's gain over random is on the page too
         rows = [ln for ln in table.splitlines() if ln.startswith("| ") and not ln.startswith("| rank")]
         assert len(rows) == 2 and any("first_model" in r for r in rows) and any("random" in r for r in rows)
         assert rows[0].split("|")[1].strip() in ("1", "1.5") and "**" in rows[0]  # ranked, best in bold
