@@ -87,6 +87,23 @@ def pool_wall(durations: list[float], workers: int) -> float:
     return max(free_at, default=0.0)
 
 
+def cold_wall(zoo_seconds: float, job_seconds: list[float], workers: int) -> float:
+    """Seconds of a cold run under the pool's schedule: the zoo built by all workers, then the jobs
+    longest first, each on the first free worker (`dfml-bench run --jobs N`)."""
+    return zoo_seconds / workers + pool_wall(sorted(job_seconds, reverse=True), workers)
+
+
+def zoo_train_seconds(home: str | Path) -> dict[str, float]:
+    """Summed model-training seconds of every zoo in the cache, by zoo hash."""
+    import json
+
+    out = {}
+    for m in Path(home, "zoos").glob("*/manifest.json"):
+        d = json.loads(m.read_text())
+        out[d.get("hash", "")] = sum(float(e.get("train_seconds", 0)) for e in d.get("models", {}).values())
+    return out
+
+
 def schedule_gain(home: str, out: str, suite: str, workers: int) -> str:
     """This run's zoo and job seconds replayed under the old schedule (the zoo built by one worker, jobs in
     plan order) and the current one (zoo shared by all workers, longest job first): the ratio of two
@@ -95,15 +112,14 @@ def schedule_gain(home: str, out: str, suite: str, workers: int) -> str:
 
     from dfml_bench.scenarios import get_suite as _get
 
-    zoo = sum(e.get("train_seconds", 0) for m in Path(home, "zoos").glob("*/manifest.json")
-              for e in json.loads(m.read_text()).get("models", {}).values())
+    zoo = sum(zoo_train_seconds(home).values())
     times = {}
     for r in Path(out).rglob("seed-*.json"):
         rec = json.loads(r.read_text())
         times[rec.get("method")] = float((rec.get("timing") or {}).get("total_seconds", 0))
     plan = [times[m] for m in _get(suite, "cpu").methods if m in times]
     old = zoo + pool_wall(plan, workers)
-    new = zoo / workers + pool_wall(sorted(plan, reverse=True), workers)
+    new = cold_wall(zoo, plan, workers)
     return f"schedule replay: plan order with a one-worker zoo {old / 60:.1f} min, shared zoo + longest first {new / 60:.1f} min"
 
 
@@ -121,25 +137,12 @@ class SeedCost:
 
     @property
     def wall(self) -> float | None:
-        """Zoo built by all workers, then the jobs longest first on the first free worker (`run --jobs N`)."""
-        if self.zoo_seconds is None:
-            return None
-        return self.zoo_seconds / self.workers + pool_wall(sorted(self.jobs.values(), reverse=True), self.workers)
+        """:func:`cold_wall` of these jobs and zoo; None when the zoo's training time is unknown."""
+        return None if self.zoo_seconds is None else cold_wall(self.zoo_seconds, list(self.jobs.values()), self.workers)
 
     @property
     def longest(self) -> tuple[str, float]:
         return max(self.jobs.items(), key=lambda kv: kv[1])
-
-
-def zoo_train_seconds(home: str | Path) -> dict[str, float]:
-    """Summed model-training seconds of every zoo in the cache, by zoo hash."""
-    import json
-
-    out = {}
-    for m in Path(home, "zoos").glob("*/manifest.json"):
-        d = json.loads(m.read_text())
-        out[d.get("hash", "")] = sum(float(e.get("train_seconds", 0)) for e in d.get("models", {}).values())
-    return out
 
 
 def record_costs(results: str | Path, home: str | Path, workers: int, suites: list[str] | None = None) -> list[SeedCost]:

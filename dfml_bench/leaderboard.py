@@ -98,7 +98,9 @@ def render_suites(report: Report, plots: dict | None = None) -> list[str]:
                 parts.append(f"{desc}\n")
             h, rows = scenario_rows(t, markdown=True)
             parts.append(tabulate(rows, headers=h, tablefmt="github", disable_numparse=True) + "\n")
-            parts += ["\n" + x if i == 0 else x for i, x in enumerate(control_section(t, report.records.ok, n_boot=report.n_boot))]
+            section = control_section(t, report.records.ok, n_boot=report.n_boot)
+            if section:
+                parts += ["\n" + section[0], *section[1:]]
         from .budget_report import render_budget_sections  # accuracy per budget, paired tests vs random (issue 15)
 
         parts += ["\n" + x for x in render_budget_sections(tables, report.records.ok, alpha=report.alpha, plots=(plots or {}).get((suite, scale)))]

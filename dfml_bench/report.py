@@ -20,8 +20,8 @@ from typing import Sequence
 from tabulate import tabulate
 
 from .results import ResultRecord
-from .stats import (EpisodeMismatchError, MethodRow, ScenarioTable, SuiteRanks, group_by_scenario, plot_cd,
-                    scenario_table, suite_ranks)
+from .stats import (EpisodeMismatchError, MethodRow, ScenarioTable, SuiteRanks, compare_per_seed, group_by_scenario,
+                    plot_cd, scenario_table, suite_ranks)
 from .validate import RecordSet
 
 TIED = "≈"  # marks a method not significantly worse than the best
@@ -132,8 +132,6 @@ def control_rows(table: ScenarioTable, records: Sequence[ResultRecord], *, alpha
     to each control of ``table`` present in ``records`` (pooled over seeds, with a bootstrap 95% CI within
     seeds), and in how many seeds it is better at ``alpha`` with both paired tests (the issue's "better in
     every seed"). Bold: better in every seed. Empty when the scenario has no control or no other method."""
-    from .stats import compare_per_seed
-
     recs = [r for r in records if r.status == "ok" and r.key.scenario == table.scenario and r.key.suite == table.suite
             and r.key.scale == table.scale]
     present = [c for c in controls if any(r.key.method == c for r in recs)]
